@@ -1,0 +1,627 @@
+//! Server configuration.
+//!
+//! Every setting can come from a flag, an `NXCACHE_*` environment variable or a TOML file
+//! (`--config`), in that order of precedence, then a default. [`ServeArgs`] is what clap
+//! parses (flags and environment); [`FileConfig`] is the TOML file; [`ServeConfig`] is the
+//! validated result the server runs with.
+
+mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::{ByteSize, HumanDuration, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// `nxcache serve` flags; each also reads an `NXCACHE_*` variable.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (kebab-case keys). Flags and environment
+    /// variables override it.
+    #[arg(long, env = "NXCACHE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API [default: 0.0.0.0:3000]
+    #[arg(long, env = "NXCACHE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Where blobs and the index live [default: ./nxcache-data]
+    #[arg(long, env = "NXCACHE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Path prefix of the cache API when served behind a reverse-proxy sub-path, e.g. /nx
+    #[arg(long, env = "NXCACHE_BASE_PATH", value_name = "PATH")]
+    pub base_path: Option<String>,
+    /// Largest artifact accepted, e.g. 2GiB [default: 2GiB]
+    #[arg(long, env = "NXCACHE_MAX_ARTIFACT_SIZE", value_name = "SIZE")]
+    pub max_artifact_size: Option<ByteSize>,
+    /// Disk budget for artifacts; least recently used ones are evicted beyond it [default: 10GiB]
+    #[arg(long, env = "NXCACHE_MAX_DISK_USAGE", value_name = "SIZE")]
+    pub max_disk_usage: Option<ByteSize>,
+    /// Evict artifacts not read or written for this long, e.g. 7d [default: never]
+    #[arg(long, env = "NXCACHE_TTL", value_name = "DURATION")]
+    pub ttl: Option<HumanDuration>,
+    /// fsync each artifact before acknowledging it [default: on]
+    #[arg(long, env = "NXCACHE_FSYNC", value_name = "on|off")]
+    pub fsync: Option<OnOff>,
+    /// Status of a stored PUT: 200 (what the Nx CLI expects) or 202 (the spec's text) [default: 200]
+    #[arg(long, env = "NXCACHE_PUT_SUCCESS_STATUS", value_name = "200|202")]
+    pub put_success_status: Option<u16>,
+    /// Log format [default: text]
+    #[arg(long, env = "NXCACHE_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or nxcache_http=debug (RUST_LOG syntax) [default: info,openraft=warn]
+    #[arg(long, env = "NXCACHE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key)
+    #[arg(long, env = "NXCACHE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert
+    #[arg(long, env = "NXCACHE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Comma-separated tokens that may read and write. Prefer the variable: flags show in `ps`.
+    #[arg(
+        long,
+        env = "NXCACHE_READ_WRITE_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "TOKENS"
+    )]
+    pub read_write_tokens: Option<Vec<Secret>>,
+    /// Comma-separated tokens that may only read.
+    #[arg(
+        long,
+        env = "NXCACHE_READ_ONLY_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "TOKENS"
+    )]
+    pub read_only_tokens: Option<Vec<Secret>>,
+    /// On SIGTERM, how long in-flight requests may take to finish [default: 30s]
+    #[arg(long, env = "NXCACHE_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<HumanDuration>,
+    /// Open client connections at most; further ones wait to be accepted [default: 4096]
+    #[arg(long, env = "NXCACHE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// A client must send its request headers within this time [default: 30s]
+    #[arg(long, env = "NXCACHE_HEADER_TIMEOUT", value_name = "DURATION")]
+    pub header_timeout: Option<HumanDuration>,
+    /// An upload that sends no data for this long is cut off [default: 60s]
+    #[arg(long, env = "NXCACHE_BODY_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub body_idle_timeout: Option<HumanDuration>,
+    /// Uploads taken at once; further PUTs get 503 with Retry-After [default: 512]
+    #[arg(long, env = "NXCACHE_MAX_CONCURRENT_UPLOADS", value_name = "N")]
+    pub max_concurrent_uploads: Option<usize>,
+    /// Comma-separated tokens with the admin scope (admin API and `nxcache admin`).
+    #[arg(
+        long,
+        env = "NXCACHE_ADMIN_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "TOKENS"
+    )]
+    pub admin_tokens: Option<Vec<Secret>>,
+    /// This node's id in the cluster [default: the ordinal at the end of the host name
+    /// (nxcache-2 -> 2), else 0]
+    #[arg(long, env = "NXCACHE_NODE_ID", value_name = "N")]
+    pub node_id: Option<u64>,
+    /// Address of the inter-node gRPC listener [default: 0.0.0.0:3001]
+    #[arg(long, env = "NXCACHE_GRPC_LISTEN", value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// host:port at which peers reach this node's gRPC listener [default: 127.0.0.1 and
+    /// the --grpc-listen port; set it in any multi-node cluster]
+    #[arg(long, env = "NXCACHE_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Base URL at which clients reach this node's HTTP API [default: from --advertise's
+    /// host and the --listen port]
+    #[arg(long, env = "NXCACHE_ADVERTISE_HTTP", value_name = "URL")]
+    pub advertise_http: Option<String>,
+    /// Failure domain of this node (rack, zone), for placement.
+    #[arg(long, env = "NXCACHE_ZONE", value_name = "NAME")]
+    pub zone: Option<String>,
+    /// Start a new cluster if this node has no cluster state yet [default: when --join is
+    /// not given]
+    #[arg(long, env = "NXCACHE_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// The one node id that bootstraps (as --bootstrap) while the others join: lets every
+    /// node of a StatefulSet or compose file share one configuration
+    #[arg(long, env = "NXCACHE_BOOTSTRAP_NODE", value_name = "ID")]
+    pub bootstrap_node: Option<u64>,
+    /// Comma-separated gRPC addresses (host:port) of members to join through, when this
+    /// node has no cluster state yet.
+    #[arg(
+        long,
+        env = "NXCACHE_JOIN",
+        value_delimiter = ',',
+        value_name = "SEEDS"
+    )]
+    pub join: Option<Vec<String>>,
+    /// Shared secret of the cluster's nodes (at least 16 characters). Prefer the variable.
+    #[arg(
+        long,
+        env = "NXCACHE_CLUSTER_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub cluster_secret: Option<Secret>,
+    /// Voting members of the metadata log: 3 or 5; further members are learners [default: 3]
+    #[arg(long, env = "NXCACHE_MAX_VOTERS", value_name = "3|5")]
+    pub max_voters: Option<u32>,
+    /// Mutual TLS between nodes: this node's PEM certificate (with --peer-tls-key and
+    /// --peer-tls-ca; its names must cover the --advertise host)
+    #[arg(long, env = "NXCACHE_PEER_TLS_CERT", value_name = "FILE")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// PEM private key for --peer-tls-cert
+    #[arg(long, env = "NXCACHE_PEER_TLS_KEY", value_name = "FILE")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// PEM certificate of the CA that signs every node's certificate
+    #[arg(long, env = "NXCACHE_PEER_TLS_CA", value_name = "FILE")]
+    pub peer_tls_ca: Option<PathBuf>,
+    /// Copies kept of each artifact, capped by the member count; a cluster setting,
+    /// written when given [default: 3]
+    #[arg(long, env = "NXCACHE_REPLICATION_FACTOR", value_name = "N")]
+    pub replication_factor: Option<u32>,
+    /// Copies that must be stored before a PUT is acknowledged; a cluster setting
+    /// [default: a majority of the replication factor]
+    #[arg(long, env = "NXCACHE_WRITE_QUORUM", value_name = "N")]
+    pub write_quorum: Option<u32>,
+    /// When fewer nodes than the write quorum can take a PUT: `serve` stores it on those
+    /// that can (repaired later), `strict` answers 503; a cluster setting [default: serve]
+    #[arg(long, env = "NXCACHE_ON_DEGRADED", value_name = "serve|strict")]
+    pub on_degraded: Option<String>,
+    /// Time between anti-entropy passes (replicas compared and repaired) [default: 60s]
+    #[arg(long, env = "NXCACHE_ANTI_ENTROPY_INTERVAL", value_name = "DURATION")]
+    pub anti_entropy_interval: Option<HumanDuration>,
+    /// Read rate of the background scrub that re-verifies stored artifacts, per second
+    /// [default: 16MiB]
+    #[arg(long, env = "NXCACHE_SCRUB_RATE", value_name = "BYTES")]
+    pub scrub_rate: Option<ByteSize>,
+}
+
+/// The TOML file: the same settings as the flags, kebab-case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub base_path: Option<String>,
+    pub max_artifact_size: Option<ByteSize>,
+    pub max_disk_usage: Option<ByteSize>,
+    pub ttl: Option<HumanDuration>,
+    pub fsync: Option<OnOff>,
+    pub put_success_status: Option<u16>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub read_write_tokens: Option<Vec<Secret>>,
+    pub read_only_tokens: Option<Vec<Secret>>,
+    pub shutdown_timeout: Option<HumanDuration>,
+    pub max_connections: Option<usize>,
+    pub header_timeout: Option<HumanDuration>,
+    pub body_idle_timeout: Option<HumanDuration>,
+    pub max_concurrent_uploads: Option<usize>,
+    pub admin_tokens: Option<Vec<Secret>>,
+    pub node_id: Option<u64>,
+    pub grpc_listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
+    pub advertise_http: Option<String>,
+    pub zone: Option<String>,
+    pub bootstrap: Option<bool>,
+    pub bootstrap_node: Option<u64>,
+    pub join: Option<Vec<String>>,
+    pub cluster_secret: Option<Secret>,
+    pub max_voters: Option<u32>,
+    pub peer_tls_cert: Option<PathBuf>,
+    pub peer_tls_key: Option<PathBuf>,
+    pub peer_tls_ca: Option<PathBuf>,
+    pub replication_factor: Option<u32>,
+    pub write_quorum: Option<u32>,
+    pub on_degraded: Option<String>,
+    pub anti_entropy_interval: Option<HumanDuration>,
+    pub scrub_rate: Option<ByteSize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|err| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The validated configuration of `nxcache serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `""` or `/prefix`, never a trailing slash.
+    pub base_path: String,
+    pub max_artifact_size: u64,
+    pub max_disk_usage: u64,
+    pub ttl: Option<Duration>,
+    pub fsync: bool,
+    pub put_success_status: u16,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub tls: Option<TlsFiles>,
+    pub read_write_tokens: Vec<Secret>,
+    pub read_only_tokens: Vec<Secret>,
+    pub shutdown_timeout: Duration,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub max_concurrent_uploads: usize,
+    pub admin_tokens: Vec<Secret>,
+    pub cluster: ClusterConfig,
+}
+
+/// How this node takes part in a cluster. A single node is a one-member cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: u64,
+    pub grpc_listen: SocketAddr,
+    /// host:port peers dial.
+    pub advertise: String,
+    /// Base URL of this node's HTTP API for clients and peers.
+    pub advertise_http: String,
+    pub zone: String,
+    /// Start a new cluster when there is no state (else join through `join`).
+    pub bootstrap: bool,
+    pub join: Vec<String>,
+    /// `None`: no secret configured (a bootstrapping node generates one).
+    pub secret: Option<Secret>,
+    /// Cluster setting to write at start, when given (the cluster's default is 3).
+    pub max_voters: Option<u32>,
+    /// Mutual TLS between nodes.
+    pub peer_tls: Option<PeerTlsFiles>,
+    /// Cluster settings to write at start, when given.
+    pub replication_factor: Option<u32>,
+    pub write_quorum: Option<u32>,
+    /// `serve` or `strict`.
+    pub on_degraded: Option<String>,
+    pub anti_entropy_interval: Duration,
+    pub scrub_rate: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// The ordinal at the end of a host name: `nxcache-2` -> 2 (StatefulSet pods).
+pub fn ordinal_of(hostname: &str) -> Option<u64> {
+    let (_, tail) = hostname.trim().rsplit_once('-')?;
+    tail.parse().ok()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+impl ServeConfig {
+    /// Merges flags/environment over the config file (if any) over defaults, and checks
+    /// the result.
+    pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args.clone(), file)
+    }
+
+    pub fn merge(args: ServeArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "--tls-cert and --tls-key go together: set both to serve HTTPS, or neither"
+                        .into(),
+                ));
+            }
+        };
+        let tokens = |list: Option<Vec<Secret>>| -> Vec<Secret> {
+            list.unwrap_or_default()
+                .into_iter()
+                .filter(|t| !t.expose().trim().is_empty())
+                .map(|t| Secret::new(t.expose().trim()))
+                .collect()
+        };
+        let config = ServeConfig {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "0.0.0.0:3000".parse().expect("valid default")),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./nxcache-data")),
+            base_path: normalize_base_path(&args.base_path.or(file.base_path).unwrap_or_default())?,
+            max_artifact_size: args
+                .max_artifact_size
+                .or(file.max_artifact_size)
+                .map_or(2 << 30, |b| b.0),
+            max_disk_usage: args
+                .max_disk_usage
+                .or(file.max_disk_usage)
+                .map_or(10 << 30, |b| b.0),
+            ttl: args.ttl.or(file.ttl).map(|d| d.0),
+            fsync: args.fsync.or(file.fsync).unwrap_or(OnOff::On) == OnOff::On,
+            put_success_status: args
+                .put_success_status
+                .or(file.put_success_status)
+                .unwrap_or(200),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                // openraft narrates every membership step at info; operators want warnings.
+                .unwrap_or_else(|| "info,openraft=warn".into()),
+            tls,
+            read_write_tokens: tokens(args.read_write_tokens.or(file.read_write_tokens)),
+            read_only_tokens: tokens(args.read_only_tokens.or(file.read_only_tokens)),
+            shutdown_timeout: args
+                .shutdown_timeout
+                .or(file.shutdown_timeout)
+                .map_or(Duration::from_secs(30), |d| d.0),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(4096),
+            header_timeout: args
+                .header_timeout
+                .or(file.header_timeout)
+                .map_or(Duration::from_secs(30), |d| d.0),
+            body_idle_timeout: args
+                .body_idle_timeout
+                .or(file.body_idle_timeout)
+                .map_or(Duration::from_secs(60), |d| d.0),
+            max_concurrent_uploads: args
+                .max_concurrent_uploads
+                .or(file.max_concurrent_uploads)
+                .unwrap_or(512),
+            admin_tokens: tokens(args.admin_tokens.or(file.admin_tokens)),
+            cluster: ClusterConfig {
+                node_id: 0,
+                grpc_listen: "0.0.0.0:3001".parse().expect("valid default"),
+                advertise: String::new(),
+                advertise_http: String::new(),
+                zone: args.zone.or(file.zone).unwrap_or_default(),
+                bootstrap: false,
+                join: Vec::new(),
+                secret: args.cluster_secret.or(file.cluster_secret),
+                max_voters: args.max_voters.or(file.max_voters),
+                replication_factor: args.replication_factor.or(file.replication_factor),
+                write_quorum: args.write_quorum.or(file.write_quorum),
+                on_degraded: args.on_degraded.or(file.on_degraded),
+                anti_entropy_interval: args
+                    .anti_entropy_interval
+                    .or(file.anti_entropy_interval)
+                    .map_or(Duration::from_secs(60), |d| d.0),
+                scrub_rate: args
+                    .scrub_rate
+                    .or(file.scrub_rate)
+                    .map_or(16 * 1024 * 1024, |b| b.0),
+                peer_tls: match (
+                    args.peer_tls_cert.or(file.peer_tls_cert),
+                    args.peer_tls_key.or(file.peer_tls_key),
+                    args.peer_tls_ca.or(file.peer_tls_ca),
+                ) {
+                    (Some(cert), Some(key), Some(ca)) => Some(PeerTlsFiles { cert, key, ca }),
+                    (None, None, None) => None,
+                    _ => {
+                        return Err(ConfigError::Invalid(
+                            "--peer-tls-cert, --peer-tls-key and --peer-tls-ca go together: set all three for mutual TLS between nodes, or none".into(),
+                        ));
+                    }
+                },
+            },
+        };
+        let mut config = config;
+        let c = &mut config.cluster;
+        c.node_id = args
+            .node_id
+            .or(file.node_id)
+            .or_else(|| ordinal_of(&hostname()))
+            .unwrap_or(0);
+        if let Some(addr) = args.grpc_listen.or(file.grpc_listen) {
+            c.grpc_listen = addr;
+        }
+        c.join = args
+            .join
+            .or(file.join)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let bootstrap_node = args.bootstrap_node.or(file.bootstrap_node);
+        c.bootstrap = args.bootstrap
+            || file.bootstrap.unwrap_or(false)
+            || bootstrap_node == Some(c.node_id)
+            || c.join.is_empty();
+        c.advertise = match args.advertise.or(file.advertise) {
+            Some(a) => a,
+            None if c.grpc_listen.ip().is_unspecified() => {
+                format!("127.0.0.1:{}", c.grpc_listen.port())
+            }
+            None => c.grpc_listen.to_string(),
+        };
+        c.advertise_http = match args.advertise_http.or(file.advertise_http) {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let host = c
+                    .advertise
+                    .rsplit_once(':')
+                    .map_or(c.advertise.as_str(), |(h, _)| h);
+                let scheme = if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!(
+                    "{scheme}://{host}:{}{}",
+                    config.listen.port(),
+                    config.base_path
+                )
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !matches!(self.put_success_status, 200 | 202) {
+            return invalid(format!(
+                "--put-success-status must be 200 or 202, not {}",
+                self.put_success_status
+            ));
+        }
+        if self.max_artifact_size == 0 {
+            return invalid("--max-artifact-size must be more than 0 bytes".into());
+        }
+        if self.max_disk_usage == 0 {
+            return invalid("--max-disk-usage must be more than 0 bytes".into());
+        }
+        if self.max_connections == 0 {
+            return invalid("--max-connections must be at least 1".into());
+        }
+        if self.max_concurrent_uploads == 0 {
+            return invalid("--max-concurrent-uploads must be at least 1".into());
+        }
+        for (name, d) in [
+            ("--header-timeout", self.header_timeout),
+            ("--body-idle-timeout", self.body_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(format!("{name} must be longer than 0s"));
+            }
+        }
+        let c = &self.cluster;
+        if let Some(voters) = c.max_voters
+            && !matches!(voters, 1 | 3 | 5 | 7)
+        {
+            return invalid(format!("--max-voters must be 1, 3, 5 or 7, not {voters}"));
+        }
+        if let Some(rf) = c.replication_factor
+            && !(1..=7).contains(&rf)
+        {
+            return invalid(format!("--replication-factor must be 1 to 7, not {rf}"));
+        }
+        if let Some(w) = c.write_quorum
+            && (w == 0 || w > c.replication_factor.unwrap_or(3))
+        {
+            return invalid(format!(
+                "--write-quorum must be 1 to the replication factor ({}), not {w}",
+                c.replication_factor.unwrap_or(3)
+            ));
+        }
+        if let Some(p) = &c.on_degraded
+            && p != "serve"
+            && p != "strict"
+        {
+            return invalid(format!(
+                "--on-degraded must be 'serve' or 'strict', not '{p}'"
+            ));
+        }
+        if c.anti_entropy_interval.is_zero() || c.scrub_rate == 0 {
+            return invalid("--anti-entropy-interval and --scrub-rate must be more than 0".into());
+        }
+        if !c.join.is_empty() && c.secret.is_none() {
+            return invalid(
+                "joining a cluster needs its secret: set NXCACHE_CLUSTER_SECRET to the value the other nodes use".into(),
+            );
+        }
+        if let Some(secret) = &c.secret
+            && secret.expose().len() < 16
+        {
+            return invalid("NXCACHE_CLUSTER_SECRET must be at least 16 characters".into());
+        }
+        if c.advertise
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return invalid(format!(
+                "--advertise must be host:port, not {:?}",
+                c.advertise
+            ));
+        }
+        if self.ttl.is_some_and(|t| t.is_zero()) {
+            return invalid("--ttl must be longer than 0s (leave it unset to never expire)".into());
+        }
+        Ok(())
+    }
+}
+
+fn normalize_base_path(raw: &str) -> Result<String, ConfigError> {
+    let trimmed = raw.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    let valid = trimmed.starts_with('/')
+        && !trimmed.contains("//")
+        && trimmed
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+        && !trimmed.split('/').any(|seg| seg == "." || seg == "..");
+    if !valid {
+        return Err(ConfigError::Invalid(format!(
+            "--base-path must look like /nx or /cache/nx (letters, digits, '-', '_', '.', '~'), not {raw:?}"
+        )));
+    }
+    Ok(trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,219 @@
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::*;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+fn args(list: &[&str]) -> ServeArgs {
+    let mut argv = vec!["nxcache"];
+    argv.extend_from_slice(list);
+    Cli::try_parse_from(argv).unwrap().serve
+}
+
+#[test]
+fn defaults_are_safe_for_a_laptop() {
+    let c = ServeConfig::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:3000");
+    assert_eq!(c.data_dir, PathBuf::from("./nxcache-data"));
+    assert_eq!(c.base_path, "");
+    assert!(c.fsync);
+    assert_eq!(c.put_success_status, 200);
+    assert_eq!(c.max_disk_usage, 10 << 30);
+    assert!(c.ttl.is_none());
+    assert!(c.read_write_tokens.is_empty());
+}
+
+#[test]
+fn flags_override_the_file_and_the_file_overrides_defaults() {
+    let file: FileConfig = toml::from_str(
+        r#"
+        listen = "127.0.0.1:4000"
+        max-disk-usage = "1GiB"
+        max-artifact-size = 1000
+        ttl = "7d"
+        fsync = "off"
+        read-only-tokens = ["ro1", "ro2"]
+        "#,
+    )
+    .unwrap();
+    let c =
+        ServeConfig::merge(args(&["--listen", "127.0.0.1:5000", "--fsync", "on"]), file).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+    assert!(c.fsync);
+    assert_eq!(c.max_disk_usage, 1 << 30);
+    assert_eq!(c.max_artifact_size, 1000);
+    assert_eq!(c.ttl, Some(Duration::from_secs(7 * 86400)));
+    assert_eq!(c.read_only_tokens.len(), 2);
+}
+
+#[test]
+fn unknown_keys_in_the_file_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "lissten = \"1.2.3.4:1\"\n").unwrap();
+    let err = FileConfig::load(&path).unwrap_err().to_string();
+    assert!(err.contains("lissten"), "{err}");
+}
+
+#[test]
+fn token_lists_are_comma_separated_and_blank_entries_dropped() {
+    let c = ServeConfig::merge(
+        args(&["--read-write-tokens", "a, b,,"]),
+        FileConfig::default(),
+    )
+    .unwrap();
+    let tokens: Vec<_> = c
+        .read_write_tokens
+        .iter()
+        .map(|t| t.expose().to_owned())
+        .collect();
+    assert_eq!(tokens, ["a", "b"]);
+    assert!(
+        !format!("{c:?}").contains("\"a\""),
+        "tokens must not show in Debug"
+    );
+}
+
+#[test]
+fn sizes_parse_with_units() {
+    let p = |s: &str| s.parse::<ByteSize>().map(|b| b.0);
+    assert_eq!(p("20GiB"), Ok(20 << 30));
+    assert_eq!(p("20G"), Ok(20 << 30));
+    assert_eq!(p("1MB"), Ok(1_000_000));
+    assert_eq!(p("1.5KiB"), Ok(1536));
+    assert_eq!(p("42"), Ok(42));
+    assert_eq!(p(" 2 mib "), Ok(2 << 20));
+    assert!(p("12parsecs").is_err());
+    assert!(p("GiB").is_err());
+    assert!(p("").is_err());
+}
+
+#[test]
+fn base_paths_are_normalised_or_refused() {
+    let n = |s: &str| normalize_base_path(s);
+    assert_eq!(n("").unwrap(), "");
+    assert_eq!(n("/").unwrap(), "");
+    assert_eq!(n("/nx/").unwrap(), "/nx");
+    assert_eq!(n("/cache/nx").unwrap(), "/cache/nx");
+    for bad in ["nx", "/a//b", "/../x", "/a b", "/a?b"] {
+        assert!(n(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn invalid_combinations_are_explained() {
+    let err = ServeConfig::merge(args(&["--tls-cert", "c.pem"]), FileConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--tls-key"), "{err}");
+    let err = ServeConfig::merge(
+        args(&["--put-success-status", "201"]),
+        FileConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("200 or 202"), "{err}");
+    let err = ServeConfig::merge(args(&["--ttl", "0s"]), FileConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--ttl"), "{err}");
+}
+
+#[test]
+fn cluster_settings_are_checked_and_left_unset_unless_given() {
+    let plain = ServeConfig::merge(args(&[]), FileConfig::default()).unwrap();
+    let c = &plain.cluster;
+    assert_eq!(
+        (
+            c.max_voters,
+            c.replication_factor,
+            c.write_quorum,
+            c.on_degraded.as_deref()
+        ),
+        (None, None, None, None)
+    );
+    for (flags, expected) in [
+        (&["--max-voters", "4"][..], "--max-voters"),
+        (&["--replication-factor", "9"][..], "--replication-factor"),
+        (&["--write-quorum", "4"][..], "--write-quorum"),
+        (
+            &["--replication-factor", "2", "--write-quorum", "3"][..],
+            "--write-quorum",
+        ),
+        (&["--on-degraded", "maybe"][..], "--on-degraded"),
+    ] {
+        let err = ServeConfig::merge(args(flags), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn a_lone_node_bootstraps_and_a_joining_one_needs_the_secret() {
+    let c = ServeConfig::merge(args(&["--node-id", "4"]), FileConfig::default()).unwrap();
+    assert!(c.cluster.bootstrap);
+    assert_eq!(c.cluster.node_id, 4);
+    assert_eq!(c.cluster.advertise, "127.0.0.1:3001");
+    assert_eq!(c.cluster.advertise_http, "http://127.0.0.1:3000");
+
+    let err = ServeConfig::merge(args(&["--join", "a:3001"]), FileConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NXCACHE_CLUSTER_SECRET"), "{err}");
+    let c = ServeConfig::merge(
+        args(&[
+            "--join",
+            "nxcache-0.nxcache-headless:3001, nxcache-1.nxcache-headless:3001",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--advertise",
+            "nxcache-2.nxcache-headless:3001",
+        ]),
+        FileConfig::default(),
+    )
+    .unwrap();
+    assert!(!c.cluster.bootstrap);
+    assert_eq!(c.cluster.join.len(), 2);
+
+    // One shared configuration: only the named node bootstraps.
+    let shared = |id: &str| {
+        ServeConfig::merge(
+            args(&[
+                "--node-id",
+                id,
+                "--bootstrap-node",
+                "0",
+                "--join",
+                "nxcache-0:3001,nxcache-1:3001",
+                "--cluster-secret",
+                "0123456789abcdef",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap()
+        .cluster
+        .bootstrap
+    };
+    assert!(shared("0"));
+    assert!(!shared("1"));
+    assert_eq!(
+        c.cluster.advertise_http,
+        "http://nxcache-2.nxcache-headless:3000"
+    );
+}
+
+#[test]
+fn statefulset_host_names_give_the_node_id() {
+    assert_eq!(ordinal_of("nxcache-2"), Some(2));
+    assert_eq!(ordinal_of("my-cache-x"), None);
+    assert_eq!(ordinal_of("nxcache-1\n"), Some(1));
+    assert_eq!(ordinal_of("my-cache-13"), Some(13));
+    assert_eq!(ordinal_of("laptop"), None);
+}

@@ -1,0 +1,155 @@
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use tracing::Instrument;
+
+use crate::ApiState;
+
+/// HTTP metrics. Labels are bounded: a route name, never a hash or a token.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    in_flight: IntGauge,
+    pub(crate) received_bytes: IntCounter,
+    pub(crate) sent_bytes: IntCounter,
+    pub(crate) hits: IntCounter,
+    pub(crate) misses: IntCounter,
+    pub(crate) read_errors: IntCounter,
+    pub(crate) remote_hits: IntCounter,
+}
+
+impl HttpMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "nxcache_http_requests_total",
+                "HTTP requests answered, by route, method and status code.",
+            ),
+            &["route", "method", "status"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "nxcache_http_request_duration_seconds",
+                "Time from request to the end of the response handler, by route and method.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]),
+            &["route", "method"],
+        )?;
+        let in_flight = IntGauge::new(
+            "nxcache_http_requests_in_flight",
+            "HTTP requests being handled.",
+        )?;
+        let received_bytes = IntCounter::new(
+            "nxcache_http_received_bytes_total",
+            "Artifact bytes received in upload bodies.",
+        )?;
+        let sent_bytes = IntCounter::new(
+            "nxcache_http_sent_bytes_total",
+            "Artifact bytes sent in download bodies.",
+        )?;
+        let hits = IntCounter::new(
+            "nxcache_cache_hits_total",
+            "GET and HEAD requests that found their artifact.",
+        )?;
+        let misses = IntCounter::new(
+            "nxcache_cache_misses_total",
+            "GET and HEAD requests that did not find their artifact.",
+        )?;
+        let read_errors = IntCounter::new(
+            "nxcache_http_read_errors_total",
+            "Reads that failed in the store and were answered as a miss.",
+        )?;
+        registry.register(Box::new(read_errors.clone()))?;
+        let remote_hits = IntCounter::new(
+            "nxcache_cache_remote_hits_total",
+            "Hits served from another member after a local miss (also counted as hits).",
+        )?;
+        registry.register(Box::new(remote_hits.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(received_bytes.clone()))?;
+        registry.register(Box::new(sent_bytes.clone()))?;
+        registry.register(Box::new(hits.clone()))?;
+        registry.register(Box::new(misses.clone()))?;
+        Ok(HttpMetrics {
+            requests,
+            duration,
+            in_flight,
+            received_bytes,
+            sent_bytes,
+            hits,
+            misses,
+            read_errors,
+            remote_hits,
+        })
+    }
+}
+
+fn route_label(path: Option<&MatchedPath>) -> &'static str {
+    match path.map(|p| p.as_str()) {
+        Some(p) if p.ends_with("/v1/cache/{hash}") => "cache",
+        Some(p) if p.contains("/admin/v1/") => "admin",
+        Some("/healthz") => "healthz",
+        Some("/readyz") => "readyz",
+        Some("/metrics") => "metrics",
+        _ => "unmatched",
+    }
+}
+
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::PUT => "PUT",
+        http::Method::POST => "POST",
+        http::Method::DELETE => "DELETE",
+        _ => "other",
+    }
+}
+
+/// Counts and times every request, inside a span that carries route and status.
+pub(crate) async fn track(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let route = route_label(request.extensions().get::<MatchedPath>());
+    let method = method_label(request.method());
+    let span = tracing::info_span!(
+        "http_request",
+        http.route = route,
+        http.method = method,
+        http.status = tracing::field::Empty,
+        trace_id = tracing::field::Empty
+    );
+    // Part of the caller's trace when it sent a W3C `traceparent`; the id goes into
+    // every log line of the request.
+    if let Some(trace_id) = nxcache_telemetry::continue_trace(&span, request.headers()) {
+        span.record("trace_id", trace_id);
+    }
+    let metrics = &state.metrics;
+    metrics.in_flight.inc();
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    metrics.in_flight.dec();
+    let status = response.status();
+    span.record("http.status", status.as_u16());
+    metrics
+        .requests
+        .with_label_values(&[route, method, status.as_str()])
+        .inc();
+    metrics
+        .duration
+        .with_label_values(&[route, method])
+        .observe(elapsed.as_secs_f64());
+    // The access log: one line per request, with the trace id when there is one.
+    tracing::info!(parent: &span, elapsed_ms = elapsed.as_millis() as u64, "request handled");
+    response
+}

@@ -1,0 +1,27 @@
+//! The cluster's metadata log: openraft with its log and state machine in sled, talking
+//! over tonic gRPC. It holds members, tokens and settings; artifacts never go through it.
+
+// openraft's storage traits fix the error type (`StorageError`, over 200 bytes); the
+// helpers here return it as the traits do.
+#![allow(clippy::result_large_err)]
+
+mod durable;
+mod log_store;
+mod metrics;
+mod network;
+mod node;
+mod service;
+mod state_machine;
+mod types;
+
+pub use log_store::SledLogStore;
+pub use metrics::MetaMetrics;
+pub use network::Faults;
+pub use node::{
+    ClusterStatus, MemberStatus, MetaConfig, MetaError, MetaNode, PeerServices, RaftTiming,
+};
+pub use state_machine::{AppliedState, SharedState, SledStateMachine};
+pub use types::{
+    ClusterSettings, ClusterState, MemberNode, MemberState, MetaCommand, MetaResponse, NodeId,
+    Raft, TokenRecord, TypeConfig,
+};

@@ -1,0 +1,136 @@
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::types::NodeId;
+
+/// Raft and inter-node RPC metrics of one node.
+#[derive(Clone)]
+pub struct MetaMetrics {
+    term: IntGauge,
+    leader: IntGauge,
+    is_leader: IntGauge,
+    last_log_index: IntGauge,
+    applied_index: IntGauge,
+    snapshot_index: IntGauge,
+    snapshots: prometheus::IntCounter,
+    last_snapshot: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    members: IntGauge,
+    voters: IntGauge,
+    ring_epoch: IntGauge,
+    rpcs: IntCounterVec,
+    rpc_duration: HistogramVec,
+    rejected_calls: IntCounterVec,
+}
+
+impl MetaMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let rpcs = IntCounterVec::new(
+            Opts::new(
+                "nxcache_raft_rpcs_total",
+                "Raft RPCs sent to peers, by RPC and result.",
+            ),
+            &["rpc", "result"],
+        )?;
+        let rpc_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "nxcache_raft_rpc_duration_seconds",
+                "Round-trip time of Raft RPCs sent to peers.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]),
+            &["rpc"],
+        )?;
+        let rejected_calls = IntCounterVec::new(
+            Opts::new(
+                "nxcache_cluster_rejected_calls_total",
+                "Inter-node calls refused for a missing or wrong cluster secret.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(rpcs.clone()))?;
+        registry.register(Box::new(rpc_duration.clone()))?;
+        registry.register(Box::new(rejected_calls.clone()))?;
+        let snapshots = prometheus::IntCounter::new(
+            "nxcache_raft_snapshots_total",
+            "Snapshots this node built or installed.",
+        )?;
+        registry.register(Box::new(snapshots.clone()))?;
+        Ok(MetaMetrics {
+            term: gauge("nxcache_raft_term", "Current Raft term.")?,
+            leader: gauge(
+                "nxcache_raft_leader_id",
+                "Node id of the current leader, -1 when none is known.",
+            )?,
+            is_leader: gauge("nxcache_raft_is_leader", "1 on the leader, 0 elsewhere.")?,
+            last_log_index: gauge(
+                "nxcache_raft_last_log_index",
+                "Index of the last entry in this node's log.",
+            )?,
+            applied_index: gauge(
+                "nxcache_raft_applied_index",
+                "Index of the last entry applied to the state machine.",
+            )?,
+            snapshot_index: gauge(
+                "nxcache_raft_snapshot_index",
+                "Last log index covered by this node's snapshot.",
+            )?,
+            snapshots,
+            last_snapshot: Default::default(),
+            members: gauge(
+                "nxcache_raft_members",
+                "Members of the cluster (voters and learners).",
+            )?,
+            voters: gauge("nxcache_raft_voters", "Voting members of the cluster.")?,
+            ring_epoch: gauge("nxcache_ring_epoch", "Placement ring epoch.")?,
+            rpcs,
+            rpc_duration,
+            rejected_calls,
+        })
+    }
+
+    pub(crate) fn observe_rpc(&self, rpc: &str, ok: bool, elapsed: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.rpcs.with_label_values(&[rpc, result]).inc();
+        self.rpc_duration
+            .with_label_values(&[rpc])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn rejected(&self, reason: &str) {
+        self.rejected_calls.with_label_values(&[reason]).inc();
+    }
+
+    pub(crate) fn update(
+        &self,
+        m: &openraft::RaftMetrics<NodeId, crate::types::MemberNode>,
+        ring_epoch: u64,
+    ) {
+        self.term.set(m.current_term as i64);
+        self.leader.set(m.current_leader.map_or(-1, |l| l as i64));
+        self.is_leader
+            .set(i64::from(m.current_leader == Some(m.id)));
+        self.last_log_index
+            .set(m.last_log_index.map_or(0, |i| i as i64));
+        self.applied_index
+            .set(m.last_applied.map_or(0, |l| l.index as i64));
+        let snapshot = m.snapshot.map_or(0, |l| l.index);
+        self.snapshot_index.set(snapshot as i64);
+        let previous = self
+            .last_snapshot
+            .swap(snapshot, std::sync::atomic::Ordering::Relaxed);
+        if snapshot > previous {
+            self.snapshots.inc();
+        }
+        let membership = m.membership_config.membership();
+        self.members.set(membership.nodes().count() as i64);
+        self.voters.set(membership.voter_ids().count() as i64);
+        self.ring_epoch.set(ring_epoch as i64);
+    }
+}

@@ -1,0 +1,894 @@
+//! One member of the metadata cluster: its Raft instance, gRPC server and the local view
+//! of the applied state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use nxcache_auth::{Authenticator, Digest, Principal, Scope, TokenSet};
+use nxcache_rpc::pb::membership_client::MembershipClient;
+use nxcache_rpc::pb::membership_server::MembershipServer;
+use nxcache_rpc::pb::raft_server::RaftServer;
+use nxcache_rpc::pb::{JoinRequest, NodeInfo, PingRequest, RemoveRequest, WriteRequest};
+use nxcache_rpc::{
+    ClusterSecret, GrpcClientMetrics, GrpcServerLayer, GrpcServerMetrics, PeerTls, ServerSecret,
+};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+
+use crate::log_store::SledLogStore;
+use crate::metrics::MetaMetrics;
+use crate::network::{Faults, GrpcNetworkFactory, channel};
+use crate::service::{MembershipService, RaftService};
+use crate::state_machine::{AppliedState, SharedState, SledStateMachine};
+use crate::types::{
+    ClusterSettings, MemberNode, MemberState, MetaCommand, MetaResponse, NodeId, Raft, TokenRecord,
+};
+
+/// How long a bootstrapping node with seeds waits for them to say whether a cluster
+/// exists already.
+const BOOTSTRAP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a metadata write may wait to be committed before its caller gets an answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("no Raft leader is known yet; retry in a moment")]
+    NoLeader,
+    #[error("the Raft leader could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the metadata store failed: {0}")]
+    Storage(String),
+    #[error("Raft refused: {0}")]
+    Raft(String),
+    #[error("node {0} is not a member of the cluster")]
+    NotAMember(NodeId),
+    #[error("invalid cluster configuration: {0}")]
+    Config(String),
+}
+
+impl From<MetaError> for tonic::Status {
+    fn from(err: MetaError) -> Self {
+        match err {
+            MetaError::NoLeader | MetaError::Unreachable(_) => {
+                tonic::Status::unavailable(err.to_string())
+            }
+            MetaError::Storage(_) | MetaError::Raft(_) => tonic::Status::internal(err.to_string()),
+            MetaError::NotAMember(_) => tonic::Status::not_found(err.to_string()),
+            MetaError::Config(_) => tonic::Status::failed_precondition(err.to_string()),
+        }
+    }
+}
+
+/// Raft timing; the defaults suit a LAN, tests shorten them.
+#[derive(Debug, Clone)]
+pub struct RaftTiming {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    /// Build a snapshot (and purge the log) after this many entries.
+    pub snapshot_after_entries: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat: Duration::from_millis(250),
+            election_min: Duration::from_millis(1000),
+            election_max: Duration::from_millis(2000),
+            snapshot_after_entries: 1000,
+        }
+    }
+}
+
+pub struct MetaConfig {
+    pub node_id: NodeId,
+    /// The metadata database goes to `<data_dir>/meta`.
+    pub data_dir: PathBuf,
+    /// How peers and clients reach this node.
+    pub advertise: MemberNode,
+    pub secret: ClusterSecret,
+    /// Mutual TLS between nodes (optional).
+    pub tls: Option<PeerTls>,
+    /// Start a new cluster if this node has no Raft state yet. With `join` seeds too, the
+    /// seeds are asked first and the node joins if any of them is already in a cluster
+    /// (a StatefulSet's ordinal 0 restarted on an empty disk must not found a second one).
+    pub bootstrap: bool,
+    /// gRPC addresses of members to ask for admission, when this node has no state.
+    pub join: Vec<String>,
+    /// Tokens from the environment, added to the cluster's table if their names are free.
+    pub seed_tokens: BTreeMap<String, TokenRecord>,
+    pub timing: RaftTiming,
+    /// Test hook: links to cut. Leave empty.
+    pub faults: Faults,
+    /// Further gRPC services to serve beside Raft and Membership (the data plane), given
+    /// the cluster-secret check to wrap them in.
+    pub peer_services: Option<PeerServices>,
+}
+
+/// Adds services to the node's gRPC server; receives the secret check every service
+/// must be wrapped in.
+pub type PeerServices = Box<dyn FnOnce(Routes, ServerSecret) -> Routes + Send>;
+
+/// What `status` reports of one member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    pub zone: String,
+    pub voter: bool,
+    pub state: MemberState,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub ring_epoch: u64,
+    /// True while a membership change is half-way (joint configuration).
+    pub changing_membership: bool,
+    pub members: Vec<MemberStatus>,
+}
+
+/// A running metadata node. Cheap to clone.
+#[derive(Clone)]
+pub struct MetaNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    shared: SharedState,
+    tokens: Arc<RwLock<TokenSet>>,
+    secret: ClusterSecret,
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
+    faults: Faults,
+    /// Counts this node's calls to its peers (Raft here; the data plane shares it).
+    grpc_clients: GrpcClientMetrics,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Membership changes are decided one at a time (count voters, then act).
+    membership_lock: tokio::sync::Mutex<()>,
+    /// The environment's tokens are in the applied table (or there were none).
+    seeded: AtomicBool,
+}
+
+/// Answers token checks from the locally applied token table.
+struct ReplicatedTokens(Arc<RwLock<TokenSet>>);
+
+impl Authenticator for ReplicatedTokens {
+    fn authenticate(&self, secret: &str) -> Option<Principal> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .authenticate(secret)
+    }
+}
+
+fn token_table(state: &AppliedState) -> TokenSet {
+    let mut set = TokenSet::new();
+    for (name, record) in &state.cluster.tokens {
+        match (
+            Digest::from_hex(&record.digest),
+            Scope::parse(&record.scope),
+        ) {
+            (Some(digest), Some(scope)) => set.add_principal(
+                digest,
+                Principal {
+                    namespace: record.namespace.clone(),
+                    read_from: record.read_from.clone(),
+                    ..Principal::new(name.clone(), scope)
+                },
+            ),
+            _ => tracing::warn!(token = %name, "ignoring a token record that cannot be read"),
+        }
+    }
+    set
+}
+
+impl MetaNode {
+    /// Opens the node's Raft state, serves gRPC on `listener`, and bootstraps or joins if
+    /// this node has never been part of a cluster. A node with state just resumes: a
+    /// restart never creates a second cluster.
+    pub async fn start(
+        config: MetaConfig,
+        listener: tokio::net::TcpListener,
+        registry: &prometheus::Registry,
+    ) -> Result<MetaNode, MetaError> {
+        let storage = |e: &dyn std::fmt::Display| MetaError::Storage(e.to_string());
+        let metrics = MetaMetrics::register(registry).map_err(|e| storage(&e))?;
+        let db = sled::Config::new()
+            .path(config.data_dir.join("meta"))
+            // Metadata is small; sled's default 1 GiB cache would only cost memory.
+            .cache_capacity(8 * 1024 * 1024)
+            .open()
+            .map_err(|e| storage(&e))?;
+        let log_store = SledLogStore::open(&db).map_err(|e| storage(&e))?;
+        let has_state = log_store.has_state().map_err(|e| storage(&e))?;
+        let tokens = Arc::new(RwLock::new(TokenSet::new()));
+        let on_change = {
+            let tokens = tokens.clone();
+            Arc::new(move |state: &AppliedState| {
+                *tokens.write().unwrap_or_else(|p| p.into_inner()) = token_table(state);
+            })
+        };
+        let (state_machine, shared) =
+            SledStateMachine::open(&db, on_change).map_err(|e| storage(&e))?;
+        let t = &config.timing;
+        let raft_config = openraft::Config {
+            cluster_name: "nxcache".into(),
+            heartbeat_interval: t.heartbeat.as_millis() as u64,
+            election_timeout_min: t.election_min.as_millis() as u64,
+            election_timeout_max: t.election_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: t.snapshot_after_entries / 2,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| MetaError::Raft(e.to_string()))?;
+        let grpc_clients = GrpcClientMetrics::register(registry).map_err(|e| storage(&e))?;
+        let network = GrpcNetworkFactory {
+            secret: config.secret.clone(),
+            tls: config.tls.as_ref().map(PeerTls::client_config),
+            faults: config.faults.clone(),
+            metrics: metrics.clone(),
+            grpc: grpc_clients.clone(),
+        };
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| MetaError::Raft(e.to_string()))?;
+        let (stop, _) = watch::channel(false);
+        let node = MetaNode {
+            inner: Arc::new(Inner {
+                id: config.node_id,
+                raft: raft.clone(),
+                shared,
+                tokens,
+                secret: config.secret.clone(),
+                client_tls: config.tls.as_ref().map(PeerTls::client_config),
+                faults: config.faults.clone(),
+                grpc_clients,
+                stop,
+                tasks: Mutex::new(Vec::new()),
+                membership_lock: tokio::sync::Mutex::new(()),
+                seeded: AtomicBool::new(config.seed_tokens.is_empty()),
+            }),
+        };
+        let grpc_metrics = GrpcServerMetrics::register(registry).map_err(|e| storage(&e))?;
+        node.spawn_server(
+            listener,
+            config.tls.as_ref(),
+            config.peer_services,
+            metrics.clone(),
+            grpc_metrics,
+        )?;
+        node.spawn_metrics(metrics);
+        if !has_state {
+            let found = if config.bootstrap && !config.join.is_empty() {
+                node.seeds_in_a_cluster(&config.join, BOOTSTRAP_GRACE).await
+            } else {
+                false
+            };
+            if config.bootstrap && !found {
+                let members = BTreeMap::from([(config.node_id, config.advertise.clone())]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| MetaError::Raft(e.to_string()))?;
+                tracing::info!(node_id = config.node_id, "bootstrapped a new cluster");
+            } else if !config.join.is_empty() {
+                if found {
+                    tracing::info!(
+                        "a seed is already in a cluster: joining it instead of bootstrapping"
+                    );
+                }
+                node.spawn_join(config.join.clone(), config.advertise.clone());
+            }
+        }
+        if !config.seed_tokens.is_empty() {
+            node.spawn_seed(config.seed_tokens);
+        }
+        Ok(node)
+    }
+
+    fn spawn(&self, task: JoinHandle<()>) {
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    fn spawn_server(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<&PeerTls>,
+        peer_services: Option<PeerServices>,
+        metrics: MetaMetrics,
+        grpc_metrics: GrpcServerMetrics,
+    ) -> Result<(), MetaError> {
+        let reject = Arc::new(
+            move |reason: &'static str, peer: Option<std::net::SocketAddr>| {
+                // In the audit trail: a misconfigured node, or someone probing the port.
+                tracing::warn!(
+                    target: "audit",
+                    action = "inter_node.refused",
+                    reason,
+                    peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                    "refused an inter-node call: bad cluster secret"
+                );
+                metrics.rejected(reason);
+            },
+        );
+        let interceptor = self.inner.secret.server_interceptor(reject);
+        let raft = RaftServer::with_interceptor(
+            RaftService {
+                raft: self.inner.raft.clone(),
+            },
+            interceptor.clone(),
+        );
+        let interceptor_for_peers = interceptor.clone();
+        let membership = MembershipServer::with_interceptor(
+            MembershipService { node: self.clone() },
+            interceptor,
+        );
+        let stopped = self.stopped();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let routes = Routes::new(raft).add_service(membership);
+        let routes = match peer_services {
+            Some(add) => add(routes, interceptor_for_peers),
+            None => routes,
+        };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .map_err(|e| MetaError::Config(format!("peer TLS: {e}")))?;
+        }
+        self.spawn(tokio::spawn(async move {
+            let served = builder
+                .layer(GrpcServerLayer::new(grpc_metrics))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await;
+            if let Err(err) = served {
+                tracing::error!(%err, "the gRPC server stopped");
+            }
+        }));
+        Ok(())
+    }
+
+    fn spawn_metrics(&self, metrics: MetaMetrics) {
+        let mut watch = self.inner.raft.metrics();
+        let shared = self.inner.shared.clone();
+        let stopped = self.stopped();
+        self.spawn(tokio::spawn(async move {
+            tokio::pin!(stopped);
+            loop {
+                {
+                    let m = watch.borrow_and_update().clone();
+                    let epoch = shared
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .cluster
+                        .ring_epoch;
+                    metrics.update(&m, epoch);
+                }
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    changed = watch.changed() => if changed.is_err() { return },
+                }
+            }
+        }));
+    }
+
+    /// Whether any seed (other than this node) belongs to a cluster. Waits until every
+    /// seed has answered that it does not, or `grace` has passed (seeds that never answer
+    /// cannot hold a cluster this node could join now).
+    async fn seeds_in_a_cluster(&self, seeds: &[String], grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let asks = seeds.iter().map(|seed| async move {
+                let ch = channel(seed, self.inner.client_tls.as_ref()).ok()?;
+                let mut client =
+                    MembershipClient::with_interceptor(ch, self.inner.secret.client_interceptor());
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(1), client.ping(PingRequest {}))
+                        .await
+                        .ok()?
+                        .ok()?
+                        .into_inner();
+                Some(answer)
+            });
+            let answers = futures_util::future::join_all(asks).await;
+            let others: Vec<_> = answers
+                .iter()
+                .map(|a| a.as_ref().filter(|a| a.node_id != self.inner.id))
+                .collect();
+            if others.iter().flatten().any(|a| a.members > 0) {
+                return true;
+            }
+            // Answered by every seed (itself included) and none in a cluster.
+            if answers.iter().all(Option::is_some) {
+                return false;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    unanswered = answers.iter().filter(|a| a.is_none()).count(),
+                    "not every seed answered within {grace:?}; none that did is in a cluster, bootstrapping"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Members in this node's membership; 0 before it belongs to a cluster.
+    pub fn member_count(&self) -> usize {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership().nodes().count()
+    }
+
+    /// Asks the seeds for admission until one accepts.
+    fn spawn_join(&self, seeds: Vec<String>, me: MemberNode) {
+        let (id, secret) = (self.inner.id, self.inner.secret.clone());
+        let tls = self.inner.client_tls.clone();
+        let stopped = self.stopped();
+        self.spawn(tokio::spawn(async move {
+            tokio::pin!(stopped);
+            let request = JoinRequest {
+                node: Some(NodeInfo {
+                    id,
+                    grpc_addr: me.grpc_addr,
+                    http_addr: me.http_addr,
+                    zone: me.zone,
+                }),
+            };
+            loop {
+                for seed in &seeds {
+                    let Ok(ch) = channel(seed, tls.as_ref()) else { continue };
+                    let mut client = MembershipClient::with_interceptor(ch, secret.client_interceptor());
+                    // A join waits for the leader to commit; a node told to stop
+                    // does not wait for that (the leader may have lost its quorum).
+                    let answer = tokio::select! {
+                        _ = &mut stopped => return,
+                        answer = client.join(request.clone()) => answer,
+                    };
+                    match answer {
+                        Ok(answer) => {
+                            tracing::info!(node_id = id, via = %seed, leader = answer.get_ref().leader_id, "joined the cluster");
+                            return;
+                        }
+                        Err(status) => tracing::info!(via = %seed, %status, "join not accepted yet; will retry"),
+                    }
+                }
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }));
+    }
+
+    /// Adds the environment's tokens once a leader can take the write.
+    fn spawn_seed(&self, tokens: BTreeMap<String, TokenRecord>) {
+        let node = self.clone();
+        let stopped = self.stopped();
+        self.spawn(tokio::spawn(async move {
+            tokio::pin!(stopped);
+            let command = MetaCommand::SeedTokens { tokens };
+            loop {
+                let written = tokio::select! {
+                    _ = &mut stopped => return,
+                    written = node.write(command.clone()) => written,
+                };
+                match written {
+                    Ok(MetaResponse::Seeded { added }) => {
+                        if added > 0 {
+                            tracing::info!(added, "seeded tokens from the environment");
+                        }
+                        node.inner.seeded.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(other) => {
+                        tracing::warn!(?other, "unexpected answer to token seeding");
+                        return;
+                    }
+                    Err(err) => tracing::debug!(%err, "token seeding waits for a leader"),
+                }
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                }
+            }
+        }));
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The per-peer call metrics, for the node's other gRPC clients.
+    pub fn grpc_client_metrics(&self) -> GrpcClientMetrics {
+        self.inner.grpc_clients.clone()
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The locally applied state (may trail the leader by a few entries).
+    pub fn state(&self) -> AppliedState {
+        self.inner
+            .shared
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Token checks against the replicated table, with no network call.
+    pub fn authenticator(&self) -> Arc<dyn Authenticator> {
+        Arc::new(ReplicatedTokens(self.inner.tokens.clone()))
+    }
+
+    /// Ready for traffic: a leader is known and this node's bootstrap tokens are in the
+    /// applied table. The error says what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.leader().is_none() {
+            return Err("no Raft leader is known (cluster forming, or no quorum)".into());
+        }
+        if !self.inner.seeded.load(Ordering::SeqCst) {
+            return Err("the tokens from the environment are not applied yet".into());
+        }
+        Ok(())
+    }
+
+    /// Waits until [`MetaNode::readiness`] is Ok; false on timeout.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.readiness().is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Which members answer a ping within half a second (this node always does).
+    pub async fn reachable(&self) -> BTreeMap<NodeId, bool> {
+        let members: Vec<(NodeId, String)> = {
+            let m = self.inner.raft.metrics().borrow().membership_config.clone();
+            m.membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.grpc_addr.clone()))
+                .collect()
+        };
+        let pings = members.into_iter().map(|(id, addr)| {
+            let node = self.clone();
+            async move {
+                if id == node.inner.id {
+                    return (id, true);
+                }
+                if node.inner.faults.is_cut(id) {
+                    return (id, false);
+                }
+                let Ok(ch) = channel(&addr, node.inner.client_tls.as_ref()) else {
+                    return (id, false);
+                };
+                let mut client =
+                    MembershipClient::with_interceptor(ch, node.inner.secret.client_interceptor());
+                let answered =
+                    tokio::time::timeout(Duration::from_millis(500), client.ping(PingRequest {}))
+                        .await
+                        .is_ok_and(|r| r.is_ok_and(|p| p.get_ref().node_id == id));
+                (id, answered)
+            }
+        });
+        futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    fn leader_addr(&self, leader: NodeId) -> Option<String> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.grpc_addr.clone())
+    }
+
+    fn membership_client(
+        &self,
+        leader: NodeId,
+    ) -> Result<
+        MembershipClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                nxcache_rpc::ClientSecret,
+            >,
+        >,
+        MetaError,
+    > {
+        if self.inner.faults.is_cut(leader) {
+            return Err(MetaError::Unreachable("link cut (fault injection)".into()));
+        }
+        let addr = self.leader_addr(leader).ok_or(MetaError::NoLeader)?;
+        let ch = channel(&addr, self.inner.client_tls.as_ref())
+            .map_err(|e| MetaError::Unreachable(e.to_string()))?;
+        Ok(MembershipClient::with_interceptor(
+            ch,
+            self.inner.secret.client_interceptor(),
+        ))
+    }
+
+    /// Applies a metadata change through the leader (forwarded when this node is not it)
+    /// and returns once it is committed and applied on the leader.
+    pub async fn write(&self, command: MetaCommand) -> Result<MetaResponse, MetaError> {
+        // A leader that lost its quorum keeps the write pending; callers get an answer.
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(command.clone()))
+            .await
+            .map_err(|_| {
+                MetaError::Unreachable(format!(
+                    "the write was not committed within {WRITE_TIMEOUT:?} (no quorum?); it may still apply"
+                ))
+            })?;
+        match written {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let leader = forward.leader_id.ok_or(MetaError::NoLeader)?;
+                let mut client = self.membership_client(leader)?;
+                let request = WriteRequest {
+                    command: serde_json::to_vec(&command)
+                        .map_err(|e| MetaError::Raft(e.to_string()))?,
+                };
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(10), client.forward_write(request))
+                        .await
+                        .map_err(|_| {
+                            MetaError::Unreachable("the leader did not answer in 10 s".into())
+                        })?
+                        .map_err(|status| MetaError::Unreachable(status.message().to_owned()))?;
+                serde_json::from_slice(&answer.into_inner().result)
+                    .map_err(|e| MetaError::Raft(e.to_string()))
+            }
+            Err(err) => Err(MetaError::Raft(err.to_string())),
+        }
+    }
+
+    /// Admits a node: as a learner (waiting until it caught up), then as a voter while
+    /// there are fewer voters than the `max_voters` setting. Idempotent; forwarded to the
+    /// leader when needed. Returns the leader and the voters.
+    pub async fn join(
+        &self,
+        id: NodeId,
+        node: MemberNode,
+    ) -> Result<(NodeId, Vec<NodeId>), MetaError> {
+        let leader = self.leader().ok_or(MetaError::NoLeader)?;
+        if leader != self.inner.id {
+            let mut client = self.membership_client(leader)?;
+            let answer = client
+                .join(JoinRequest {
+                    node: Some(NodeInfo {
+                        id,
+                        grpc_addr: node.grpc_addr,
+                        http_addr: node.http_addr,
+                        zone: node.zone,
+                    }),
+                })
+                .await
+                .map_err(|status| MetaError::Unreachable(status.message().to_owned()))?
+                .into_inner();
+            return Ok((answer.leader_id, answer.voters));
+        }
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        let raft = &self.inner.raft;
+        let known = {
+            let m = raft.metrics().borrow().membership_config.clone();
+            m.membership()
+                .nodes()
+                .any(|(nid, n)| *nid == id && *n == node)
+        };
+        if !known {
+            self.change_membership(ChangeMembers::AddNodes(BTreeMap::from([(id, node)])))
+                .await?;
+            // Caught up before it may vote: a lagging voter would slow every commit.
+            let target = raft.metrics().borrow().last_log_index;
+            raft.wait(Some(Duration::from_secs(30)))
+                .metrics(
+                    |m| {
+                        m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(&id).copied().flatten())
+                            .map(|l| l.index)
+                            >= target
+                    },
+                    "the new member catches up",
+                )
+                .await
+                .map_err(|e| MetaError::Raft(e.to_string()))?;
+        }
+        let max_voters = self.state().cluster.settings.max_voters as usize;
+        let voters = self.voters();
+        if !voters.contains(&id) && voters.len() < max_voters {
+            self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+                .await?;
+        }
+        Ok((self.inner.id, self.voters().into_iter().collect()))
+    }
+
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Removes a member from the cluster for good; forwarded to the leader when needed.
+    pub async fn remove(&self, id: NodeId) -> Result<(), MetaError> {
+        let leader = self.leader().ok_or(MetaError::NoLeader)?;
+        if leader != self.inner.id {
+            let mut client = self.membership_client(leader)?;
+            client
+                .remove(RemoveRequest { id })
+                .await
+                .map_err(|status| match status.code() {
+                    tonic::Code::NotFound => MetaError::NotAMember(id),
+                    _ => MetaError::Unreachable(status.message().to_owned()),
+                })?;
+            return Ok(());
+        }
+        let known = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == id);
+        if !known {
+            return Err(MetaError::NotAMember(id));
+        }
+        let _one_at_a_time = self.inner.membership_lock.lock().await;
+        let voters = self.voters();
+        if voters.contains(&id) {
+            self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+                .await?;
+        }
+        self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
+            .await
+    }
+
+    /// One membership change at a time: waits (bounded) while another is in progress.
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, MemberNode>,
+    ) -> Result<(), MetaError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .inner
+                .raft
+                .change_membership(change.clone(), false)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => return Err(MetaError::Raft(err.to_string())),
+            }
+        }
+    }
+
+    /// Members and how to reach them, from the current membership (cheap: no copy of
+    /// the applied state).
+    pub fn members(&self) -> Vec<(NodeId, MemberNode)> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
+    /// What placement is computed from: the ring epoch, the settings and each member's
+    /// state, without copying the token table (read on every request).
+    pub fn placement_inputs(&self) -> (u64, ClusterSettings, BTreeMap<NodeId, MemberState>) {
+        let shared = self.inner.shared.read().unwrap_or_else(|p| p.into_inner());
+        (
+            shared.cluster.ring_epoch,
+            shared.cluster.settings.clone(),
+            shared.cluster.member_states.clone(),
+        )
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let state = self.state();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| MemberStatus {
+                id: *id,
+                grpc_addr: n.grpc_addr.clone(),
+                http_addr: n.http_addr.clone(),
+                zone: n.zone.clone(),
+                voter: voters.contains(id),
+                state: state
+                    .cluster
+                    .member_states
+                    .get(id)
+                    .copied()
+                    .unwrap_or_default(),
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.inner.id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            ring_epoch: state.cluster.ring_epoch,
+            changing_membership: membership.get_joint_config().len() > 1,
+            members,
+        }
+    }
+
+    /// Stops Raft and the gRPC server; the node's data stays for a restart.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(10), self.inner.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "Raft did not shut down cleanly"),
+            Err(_) => tracing::warn!("Raft did not stop within 10 s; leaving it behind"),
+        }
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        // The gRPC server drains its in-flight calls first; a peer's stream that never
+        // ends (a long transfer to a stalled peer) must not hold the shutdown.
+        for mut task in tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The gRPC servers of a node: Raft RPCs in, and membership/forwarded writes.
+
+use nxcache_rpc::pb::{
+    JoinRequest, JoinResponse, PingRequest, PingResponse, RaftMessage, RemoveRequest,
+    RemoveResponse, WriteRequest, WriteResponse, membership_server, raft_server,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+
+use crate::node::MetaNode;
+use crate::types::{MemberNode, MetaCommand, Raft};
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Status::invalid_argument(format!("undecodable message: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    let payload = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftMessage { payload }))
+}
+
+pub(crate) struct RaftService {
+    pub raft: Raft,
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode(&request.into_inner().payload)?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode(&request.into_inner().payload)?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc = decode(&request.into_inner().payload)?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+}
+
+pub(crate) struct MembershipService {
+    pub node: MetaNode,
+}
+
+#[tonic::async_trait]
+impl membership_server::Membership for MembershipService {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let info = request
+            .into_inner()
+            .node
+            .ok_or_else(|| Status::invalid_argument("join without node info"))?;
+        if info.grpc_addr.is_empty() {
+            return Err(Status::invalid_argument("join without a gRPC address"));
+        }
+        let node = MemberNode {
+            grpc_addr: info.grpc_addr,
+            http_addr: info.http_addr,
+            zone: info.zone,
+        };
+        let (leader_id, voters) = self.node.join(info.id, node).await.map_err(Status::from)?;
+        Ok(Response::new(JoinResponse { leader_id, voters }))
+    }
+
+    async fn forward_write(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let command: MetaCommand = decode(&request.into_inner().command)?;
+        let response = self.node.write(command).await.map_err(Status::from)?;
+        let result = serde_json::to_vec(&response).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(WriteResponse { result }))
+    }
+
+    async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {
+            node_id: self.node.id(),
+            members: self.node.member_count() as u64,
+        }))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
+        self.node
+            .remove(request.into_inner().id)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(RemoveResponse {}))
+    }
+}

@@ -1,0 +1,718 @@
+//! In-process clusters: nodes on 127.0.0.1 with random ports in one test process.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nxcache_auth::Digest;
+use nxcache_meta::{
+    ClusterSettings, Faults, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId,
+    RaftTiming, TokenRecord,
+};
+use nxcache_rpc::{ClusterSecret, PeerTls};
+
+const SECRET: &str = "test-cluster-secret-0123456789";
+
+fn timing() -> RaftTiming {
+    RaftTiming {
+        heartbeat: Duration::from_millis(50),
+        election_min: Duration::from_millis(300),
+        election_max: Duration::from_millis(600),
+        snapshot_after_entries: 20,
+    }
+}
+
+struct Member {
+    id: NodeId,
+    dir: PathBuf,
+    addr: String,
+    faults: Faults,
+    tls: Option<PeerTls>,
+    node: Option<MetaNode>,
+}
+
+impl Member {
+    /// A stopped member with a reserved port (the node binds it again, and again after a
+    /// restart).
+    fn new(id: NodeId, root: &std::path::Path, tls: Option<PeerTls>) -> Member {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap().to_string();
+        Member {
+            id,
+            dir: root.join(format!("node-{id}")),
+            addr,
+            faults: Faults::default(),
+            tls,
+            node: None,
+        }
+    }
+}
+
+struct Cluster {
+    members: Vec<Member>,
+    _tmp: tempfile::TempDir,
+}
+
+async fn start(member: &mut Member, bootstrap: bool, join: Vec<String>) {
+    let listener = tokio::net::TcpListener::bind(&member.addr).await.unwrap();
+    let config = MetaConfig {
+        node_id: member.id,
+        data_dir: member.dir.clone(),
+        advertise: MemberNode {
+            grpc_addr: member.addr.clone(),
+            http_addr: format!("http://{}", member.addr),
+            zone: String::new(),
+        },
+        secret: ClusterSecret::new(SECRET).unwrap(),
+        tls: member.tls.clone(),
+        bootstrap,
+        join,
+        seed_tokens: BTreeMap::new(),
+        timing: timing(),
+        faults: member.faults.clone(),
+        peer_services: None,
+    };
+    let node = MetaNode::start(config, listener, &prometheus::Registry::new())
+        .await
+        .unwrap();
+    member.node = Some(node);
+}
+
+impl Cluster {
+    /// Node 1 bootstraps; the others join through it.
+    async fn new(size: u64) -> Cluster {
+        Self::with_voters(size, 3).await
+    }
+
+    async fn with_voters(size: u64, max_voters: u32) -> Cluster {
+        Self::build(size, max_voters, None).await
+    }
+
+    async fn build(size: u64, max_voters: u32, tls: Option<PeerTls>) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut members = Vec::new();
+        for id in 1..=size {
+            members.push(Member::new(id, tmp.path(), tls.clone()));
+        }
+        let mut cluster = Cluster { members, _tmp: tmp };
+        start(&mut cluster.members[0], true, vec![]).await;
+        cluster.wait_leader_among(&[1]).await;
+        if max_voters != 3 {
+            let settings = ClusterSettings {
+                max_voters,
+                ..ClusterSettings::default()
+            };
+            cluster
+                .node(1)
+                .write(MetaCommand::SetSettings { settings })
+                .await
+                .unwrap();
+        }
+        let seed = vec![cluster.members[0].addr.clone()];
+        for i in 1..cluster.members.len() {
+            start(&mut cluster.members[i], false, seed.clone()).await;
+        }
+        let expected = size.min(max_voters as u64) as usize;
+        cluster
+            .wait("all members joined", Duration::from_secs(30), |c| {
+                c.running().all(|n| {
+                    let s = n.status();
+                    s.members.len() == size as usize
+                        && !s.changing_membership
+                        && s.members.iter().filter(|m| m.voter).count() == expected
+                })
+            })
+            .await;
+        cluster
+    }
+
+    fn node(&self, id: NodeId) -> &MetaNode {
+        self.members[(id - 1) as usize]
+            .node
+            .as_ref()
+            .expect("running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = &MetaNode> {
+        self.members.iter().filter_map(|m| m.node.as_ref())
+    }
+
+    async fn wait(&self, what: &str, timeout: Duration, check: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running node sees `size` members and no membership change.
+    async fn wait_one_cluster_of(&self, size: usize) {
+        self.wait("one settled cluster", Duration::from_secs(30), |c| {
+            c.running().all(|n| {
+                let s = n.status();
+                s.members.len() == size && !s.changing_membership
+            })
+        })
+        .await;
+    }
+
+    /// Waits until the running nodes among `ids` agree on one leader among `ids`.
+    async fn wait_leader_among(&self, ids: &[NodeId]) -> NodeId {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leaders: Vec<Option<NodeId>> =
+                ids.iter().map(|id| self.node(*id).leader()).collect();
+            if let Some(Some(l)) = leaders.first()
+                && leaders.iter().all(|x| *x == Some(*l))
+                && ids.contains(l)
+            {
+                return *l;
+            }
+            if Instant::now() >= deadline {
+                for id in ids {
+                    let m = self.node(*id).raft().metrics().borrow().clone();
+                    eprintln!("node {id}: {m:?}");
+                }
+                panic!("no agreed leader among {ids:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(&mut self, id: NodeId) {
+        let node = self.members[(id - 1) as usize]
+            .node
+            .take()
+            .expect("running");
+        node.shutdown().await;
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        let seed = vec![self.members[0].addr.clone()];
+        start(&mut self.members[(id - 1) as usize], false, seed).await;
+    }
+
+    /// Cuts every link between `a` and `b` (both directions).
+    fn cut(&self, a: &[NodeId], b: &[NodeId]) {
+        for x in a {
+            self.members[(*x - 1) as usize]
+                .faults
+                .cut(b.iter().copied());
+        }
+        for y in b {
+            self.members[(*y - 1) as usize]
+                .faults
+                .cut(a.iter().copied());
+        }
+    }
+
+    fn heal(&self) {
+        for m in &self.members {
+            m.faults.heal();
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for m in &mut self.members {
+            if let Some(node) = m.node.take() {
+                node.shutdown().await;
+            }
+        }
+    }
+}
+
+fn token(secret: &str, scope: &str) -> TokenRecord {
+    TokenRecord {
+        digest: Digest::of(secret).to_hex(),
+        scope: scope.into(),
+        created_ms: 1,
+        namespace: String::new(),
+        read_from: Vec::new(),
+    }
+}
+
+fn create(name: &str, secret: &str) -> MetaCommand {
+    MetaCommand::CreateToken {
+        name: name.into(),
+        token: token(secret, "read-write"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_elect_a_leader_and_tokens_reach_every_node() {
+    let cluster = Cluster::new(3).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+
+    // Created through a follower (forwarded to the leader), accepted everywhere.
+    let answer = cluster
+        .node(follower)
+        .write(create("ci", "ci-secret"))
+        .await
+        .unwrap();
+    assert_eq!(answer, MetaResponse::Done);
+    let created = Instant::now();
+    cluster
+        .wait("token accepted by all", Duration::from_secs(5), |c| {
+            c.running()
+                .all(|n| n.authenticator().authenticate("ci-secret").is_some())
+        })
+        .await;
+    eprintln!("token live on every node after {:?}", created.elapsed());
+    assert!(
+        created.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        created.elapsed()
+    );
+
+    // Revoked through another node, rejected everywhere.
+    let other = [1, 2, 3].into_iter().find(|id| *id != follower).unwrap();
+    let answer = cluster
+        .node(other)
+        .write(MetaCommand::RevokeToken { name: "ci".into() })
+        .await
+        .unwrap();
+    assert_eq!(answer, MetaResponse::Done);
+    cluster
+        .wait("token rejected by all", Duration::from_secs(5), |c| {
+            c.running()
+                .all(|n| n.authenticator().authenticate("ci-secret").is_none())
+        })
+        .await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_leader_elects_a_new_one_and_writes_go_on() {
+    let mut cluster = Cluster::new(3).await;
+    let old = cluster.wait_leader_among(&[1, 2, 3]).await;
+    cluster.stop(old).await;
+    let rest: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
+    let new = cluster.wait_leader_among(&rest).await;
+    assert_ne!(new, old);
+    let answer = cluster
+        .node(rest[0])
+        .write(create("after", "after-secret"))
+        .await
+        .unwrap();
+    assert_eq!(answer, MetaResponse::Done);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_recovers_from_its_disk_and_catches_up() {
+    let mut cluster = Cluster::new(3).await;
+    cluster.wait_leader_among(&[1, 2, 3]).await;
+    cluster
+        .node(1)
+        .write(create("before", "before-secret"))
+        .await
+        .unwrap();
+    cluster
+        .wait("node 3 applied", Duration::from_secs(5), |c| {
+            c.node(3).state().cluster.tokens.contains_key("before")
+        })
+        .await;
+    cluster.stop(3).await;
+    for i in 0..5 {
+        cluster
+            .node(1)
+            .write(create(&format!("t{i}"), &format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    cluster.restart(3).await;
+    // Its own disk has "before" at once, even before it hears from the leader.
+    assert!(
+        cluster
+            .node(3)
+            .state()
+            .cluster
+            .tokens
+            .contains_key("before")
+    );
+    cluster
+        .wait("node 3 caught up", Duration::from_secs(10), |c| {
+            c.node(3).state().cluster.tokens.len() == 6
+        })
+        .await;
+    // Still one cluster: the same three voters, one leader.
+    let leader = cluster.wait_leader_among(&[1, 2, 3]).await;
+    let status = cluster.node(3).status();
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3);
+    assert_eq!(status.leader_id, Some(leader));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_missed_many_entries_catches_up_by_snapshot() {
+    let mut cluster = Cluster::new(3).await;
+    cluster.wait_leader_among(&[1, 2, 3]).await;
+    cluster.stop(3).await;
+    // Far more than the snapshot threshold (20): the leader snapshots and purges its log.
+    for i in 0..80 {
+        cluster
+            .node(1)
+            .write(create(&format!("t{i}"), &format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    cluster
+        .wait("leader purged its log", Duration::from_secs(10), |c| {
+            c.node(1).raft().metrics().borrow().purged.is_some()
+        })
+        .await;
+    cluster.restart(3).await;
+    cluster
+        .wait("node 3 caught up", Duration::from_secs(15), |c| {
+            c.node(3).state().cluster.tokens.len() == 80
+        })
+        .await;
+    let snapshot = cluster.node(3).raft().metrics().borrow().snapshot;
+    assert!(
+        snapshot.is_some(),
+        "node 3 should hold an installed snapshot"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_voters_survive_the_loss_of_the_leader() {
+    let mut cluster = Cluster::with_voters(5, 5).await;
+    let old = cluster.wait_leader_among(&[1, 2, 3, 4, 5]).await;
+    cluster.stop(old).await;
+    let rest: Vec<NodeId> = (1..=5).filter(|id| *id != old).collect();
+    let new = cluster.wait_leader_among(&rest).await;
+    assert_ne!(new, old);
+    cluster
+        .node(rest[0])
+        .write(create("x", "x-secret"))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_beyond_max_voters_are_learners_and_can_be_removed() {
+    let cluster = Cluster::new(4).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3, 4]).await;
+    let status = cluster.node(leader).status();
+    assert_eq!(status.members.len(), 4);
+    let learner = status
+        .members
+        .iter()
+        .find(|m| !m.voter)
+        .expect("one learner")
+        .id;
+    let epoch_before = status.ring_epoch;
+    cluster.node(leader).remove(learner).await.unwrap();
+    cluster
+        .wait("learner removed everywhere", Duration::from_secs(5), |c| {
+            c.running()
+                .filter(|n| n.id() != learner)
+                .all(|n| n.status().members.len() == 3)
+        })
+        .await;
+    assert!(cluster.node(leader).status().ring_epoch > epoch_before);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_minority_partition_cannot_commit() {
+    let cluster = Cluster::new(3).await;
+    let old = cluster.wait_leader_among(&[1, 2, 3]).await;
+    let majority: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
+    cluster.cut(&[old], &majority);
+
+    // The isolated leader cannot get a write committed.
+    let isolated = tokio::time::timeout(
+        Duration::from_secs(3),
+        cluster.node(old).write(create("lost", "lost-secret")),
+    )
+    .await;
+    assert!(
+        !matches!(isolated, Ok(Ok(_))),
+        "a minority committed: {isolated:?}"
+    );
+
+    // The majority elects a leader of its own and commits.
+    let new = cluster.wait_leader_among(&majority).await;
+    assert_ne!(new, old);
+    cluster
+        .node(new)
+        .write(create("kept", "kept-secret"))
+        .await
+        .unwrap();
+    assert!(
+        !cluster
+            .node(old)
+            .state()
+            .cluster
+            .tokens
+            .contains_key("kept")
+    );
+
+    // Healed: the old leader follows and converges; the uncommitted write is gone.
+    cluster.heal();
+    cluster
+        .wait("old leader converged", Duration::from_secs(15), |c| {
+            let tokens = c.node(old).state().cluster.tokens;
+            tokens.contains_key("kept") && !tokens.contains_key("lost")
+        })
+        .await;
+    for id in [1, 2, 3] {
+        assert!(!cluster.node(id).state().cluster.tokens.contains_key("lost"));
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_without_the_cluster_secret_are_refused_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let registry = prometheus::Registry::new();
+    let node = MetaNode::start(
+        MetaConfig {
+            node_id: 1,
+            data_dir: tmp.path().to_path_buf(),
+            advertise: MemberNode {
+                grpc_addr: addr.clone(),
+                ..MemberNode::default()
+            },
+            secret: ClusterSecret::new(SECRET).unwrap(),
+            tls: None,
+            bootstrap: true,
+            join: vec![],
+            seed_tokens: BTreeMap::new(),
+            timing: timing(),
+            faults: Faults::default(),
+            peer_services: None,
+        },
+        listener,
+        &registry,
+    )
+    .await
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let message = || nxcache_rpc::pb::RaftMessage {
+        payload: b"{}".to_vec(),
+    };
+
+    let mut anonymous = nxcache_rpc::pb::raft_client::RaftClient::new(channel.clone());
+    let err = anonymous.vote(message()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    let forged = ClusterSecret::new("a-different-secret-value").unwrap();
+    let mut forger = nxcache_rpc::pb::raft_client::RaftClient::with_interceptor(
+        channel.clone(),
+        forged.client_interceptor(),
+    );
+    let err = forger.append_entries(message()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // With the secret, a malformed message is refused as such (not as unauthenticated).
+    let good = ClusterSecret::new(SECRET).unwrap();
+    let mut member = nxcache_rpc::pb::raft_client::RaftClient::with_interceptor(
+        channel,
+        good.client_interceptor(),
+    );
+    let err = member
+        .vote(nxcache_rpc::pb::RaftMessage {
+            payload: b"not json".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let families = registry.gather();
+    let rejected: u64 = families
+        .iter()
+        .filter(|f| f.name() == "nxcache_cluster_rejected_calls_total")
+        .flat_map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| m.get_counter().get_value() as u64)
+        })
+        .sum();
+    assert_eq!(rejected, 2);
+    node.shutdown().await;
+}
+
+/// A CA and one certificate for 127.0.0.1 signed by it, made with openssl.
+fn test_pki(dir: &std::path::Path) -> PeerTls {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nxcache-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=node", "-keyout", "node.key", "-out",
+        "node.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "node.pem",
+    ]);
+    PeerTls::load(
+        &dir.join("node.pem"),
+        &dir.join("node.key"),
+        &dir.join("ca.pem"),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_can_talk_over_mutual_tls_and_refuse_peers_without_a_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    let tls = test_pki(pki.path());
+    let cluster = Cluster::build(3, 3, Some(tls)).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    cluster
+        .node(follower)
+        .write(create("tls", "tls-secret"))
+        .await
+        .unwrap();
+    cluster
+        .wait("token everywhere", Duration::from_secs(5), |c| {
+            c.running()
+                .all(|n| n.authenticator().authenticate("tls-secret").is_some())
+        })
+        .await;
+
+    // A client with the cluster secret but no certificate does not get through.
+    let addr = cluster.members[0].addr.clone();
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let secret = ClusterSecret::new(SECRET).unwrap();
+        let mut client = nxcache_rpc::pb::raft_client::RaftClient::with_interceptor(
+            channel,
+            secret.client_interceptor(),
+        );
+        let answer = client
+            .vote(nxcache_rpc::pb::RaftMessage {
+                payload: b"{}".to_vec(),
+            })
+            .await;
+        assert!(answer.is_err(), "a plaintext client was answered");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stops_promptly_while_its_join_cannot_be_committed() {
+    let mut cluster = Cluster::new(3).await;
+    // Leader 1 alone: no membership change can commit, so a join waits forever.
+    cluster.stop(2).await;
+    cluster.stop(3).await;
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap().to_string();
+    drop(probe);
+    let mut joiner = Member {
+        id: 4,
+        dir: cluster._tmp.path().join("node-4"),
+        addr,
+        faults: Faults::default(),
+        tls: None,
+        node: None,
+    };
+    start(&mut joiner, false, vec![cluster.members[0].addr.clone()]).await;
+    let node = joiner.node.take().unwrap();
+    // The join reached the leader: the new member is proposed, never committed.
+    cluster
+        .wait(
+            "the join is pending on the leader",
+            Duration::from_secs(10),
+            |c| c.node(1).status().members.len() == 4,
+        )
+        .await;
+    let stopping = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), node.shutdown())
+        .await
+        .expect("shutdown waited for a join that could not finish");
+    assert!(stopping.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bootstrap_node_with_seeds_joins_a_cluster_that_already_exists() {
+    // Node 1 founds the cluster and node 2 joins, as usual.
+    let mut cluster = Cluster::new(2).await;
+    // Node 3 has the same "bootstrap" configuration as node 1 (a StatefulSet's ordinal 0
+    // back on an empty disk): seeing a seed in a cluster, it joins instead.
+    let joiner = Member::new(3, cluster._tmp.path(), None);
+    cluster.members.push(joiner);
+    let seeds = vec![
+        cluster.members[0].addr.clone(),
+        cluster.members[1].addr.clone(),
+    ];
+    start(&mut cluster.members[2], true, seeds).await;
+    cluster.wait_one_cluster_of(3).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3]).await;
+    assert_ne!(leader, 3, "node 3 must not lead a cluster of its own");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_sharing_one_seed_list_start_together_as_one_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members: Vec<Member> = (1..=3)
+        .map(|id| Member::new(id, tmp.path(), None))
+        .collect();
+    let seeds: Vec<String> = members.iter().map(|m| m.addr.clone()).collect();
+    // Joiners first, so the bootstrap node finds them up but in no cluster.
+    for i in [2, 1, 0] {
+        start(&mut members[i], i == 0, seeds.clone()).await;
+    }
+    let cluster = Cluster { members, _tmp: tmp };
+    cluster.wait_one_cluster_of(3).await;
+    assert_eq!(cluster.wait_leader_among(&[1, 2, 3]).await, 1);
+    cluster.shutdown().await;
+}

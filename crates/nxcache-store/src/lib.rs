@@ -1,0 +1,32 @@
+//! The blob store of one node.
+//!
+//! Bytes live in files (written to a temp file, then renamed into place, so a crash never
+//! leaves a partial blob visible); the metadata of each blob (size, checksum, times) lives
+//! in an [`Index`], sled-backed in production. Every read is verified against the checksum
+//! taken while the bytes were written, and the store keeps itself under a byte budget by
+//! evicting the least recently used blobs (and, optionally, those idle longer than a TTL).
+
+mod checksum;
+mod error;
+mod index;
+mod key;
+mod layout;
+mod memory_index;
+mod metrics;
+mod read;
+mod sled_index;
+mod store;
+mod write;
+
+pub use checksum::{Checksum, ChecksumHasher, checksum_of};
+pub use error::StoreError;
+pub use index::{BlobMeta, Index, IndexError};
+pub use key::{BlobKey, InvalidKey};
+pub use memory_index::MemoryIndex;
+pub use read::{BlobBody, BlobRead, ByteStream, verify_stream};
+pub use sled_index::SledIndex;
+pub use store::{BlobStore, EvictionListener, ScrubOutcome, StoreConfig, StoreStats};
+pub use write::BlobWriter;
+
+#[cfg(test)]
+mod store_tests;

@@ -1,0 +1,67 @@
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+/// The store's own metrics, registered in the node's registry.
+#[derive(Clone)]
+pub(crate) struct StoreMetrics {
+    pub stored_bytes: IntGauge,
+    pub objects: IntGauge,
+    pub budget_bytes: IntGauge,
+    pub reserved_bytes: IntGauge,
+    pub evictions: IntCounterVec,
+    pub evicted_bytes: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub write_failures: IntCounterVec,
+}
+
+impl StoreMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(StoreMetrics {
+            stored_bytes: gauge(
+                "nxcache_store_stored_bytes",
+                "Bytes of committed artifacts held by this node.",
+            )?,
+            objects: gauge(
+                "nxcache_store_objects",
+                "Committed artifacts held by this node.",
+            )?,
+            budget_bytes: gauge(
+                "nxcache_store_budget_bytes",
+                "The configured disk budget (--max-disk-usage).",
+            )?,
+            reserved_bytes: gauge(
+                "nxcache_store_reserved_bytes",
+                "Bytes reserved by uploads in progress.",
+            )?,
+            evictions: counter(
+                "nxcache_store_evictions_total",
+                "Artifacts evicted, by reason (budget: least recently used; ttl: idle too long).",
+                "reason",
+            )?,
+            evicted_bytes: counter(
+                "nxcache_store_evicted_bytes_total",
+                "Bytes evicted, by reason.",
+                "reason",
+            )?,
+            dropped: counter(
+                "nxcache_store_dropped_total",
+                "Artifacts dropped because their file was corrupt or missing.",
+                "reason",
+            )?,
+            write_failures: counter(
+                "nxcache_store_write_failures_total",
+                "Uploads that stored nothing, by reason.",
+                "reason",
+            )?,
+        })
+    }
+}

@@ -1,0 +1,840 @@
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::checksum::Checksum;
+use crate::error::StoreError;
+use crate::index::{BlobMeta, Index};
+use crate::key::BlobKey;
+use crate::layout::Layout;
+use crate::metrics::StoreMetrics;
+use crate::read::{BlobBody, BlobRead, VERIFY_BEFORE_SEND_MAX, verified_stream};
+use crate::sled_index::SledIndex;
+use crate::write::BlobWriter;
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    /// Byte budget: committed plus in-flight bytes never exceed it.
+    pub max_bytes: u64,
+    /// Blobs not read or written for this long are evicted.
+    pub ttl: Option<Duration>,
+    /// fsync each blob and its directory before acknowledging it.
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    pub stored_bytes: u64,
+    pub objects: u64,
+    pub reserved_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+/// Blobs up to this size are read on the calling task instead of the blocking pool.
+const INLINE_READ_MAX: u64 = 64 * 1024;
+
+/// Keys are locked in shards while a blob is published or removed, so that the check
+/// "is it there?" and the rename that makes it so are one step for each key.
+const KEY_LOCK_SHARDS: usize = 64;
+
+#[derive(Default)]
+struct Accounting {
+    stored: u64,
+    objects: u64,
+    reserved: u64,
+}
+
+/// The blob store of one node. Cheap to clone; all clones share one store.
+#[derive(Clone)]
+pub struct BlobStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: StoreConfig,
+    layout: Layout,
+    index: Arc<dyn Index>,
+    key_locks: Vec<Mutex<()>>,
+    accounting: Mutex<Accounting>,
+    metrics: StoreMetrics,
+    tmp_counter: AtomicU64,
+    pending_touches: Mutex<PendingTouches>,
+    /// Told of every blob this store evicted (budget or TTL), so that a cluster can
+    /// keep the other copies in step. Called with key locks held: must not block.
+    eviction_listener: Mutex<Option<EvictionListener>>,
+}
+
+/// See [`BlobStore::set_eviction_listener`].
+pub type EvictionListener = Arc<dyn Fn(&BlobKey) + Send + Sync>;
+
+/// What a scrub found for one blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScrubOutcome {
+    /// The file matches its size and checksum.
+    Intact,
+    /// The file was damaged or missing: the blob was dropped.
+    Dropped,
+    /// Not stored (any more).
+    Absent,
+}
+
+#[derive(Default)]
+struct PendingTouches {
+    counter: u64,
+    accesses: HashMap<BlobKey, PendingAccess>,
+}
+
+#[derive(Clone, Copy)]
+struct PendingAccess {
+    order: u64,
+    /// The record as the index held it when first read: the compare-and-swap base.
+    seen: BlobMeta,
+    accessed_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Removal {
+    Budget,
+    Ttl,
+    Corrupt,
+    Missing,
+    /// Asked for: handed off to its owners, or evicted by another owner.
+    Deleted,
+}
+
+impl Removal {
+    fn label(self) -> &'static str {
+        match self {
+            Removal::Budget => "budget",
+            Removal::Ttl => "ttl",
+            Removal::Corrupt => "corrupt",
+            Removal::Missing => "missing",
+            Removal::Deleted => "deleted",
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl BlobStore {
+    /// Opens the store in `config.data_dir` with a sled index. Blocking: call it before
+    /// serving, or from a blocking thread.
+    pub fn open(config: StoreConfig, registry: &prometheus::Registry) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let layout = Layout::new(&config.data_dir);
+        let index = SledIndex::open(&layout.index_dir())?;
+        Self::open_with_index(config, Arc::new(index), registry)
+    }
+
+    /// Opens the store over any [`Index`].
+    pub fn open_with_index(
+        config: StoreConfig,
+        index: Arc<dyn Index>,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, StoreError> {
+        let layout = Layout::new(&config.data_dir);
+        // A brand-new store has nothing to reconcile.
+        let fresh = !layout.blobs_dir().exists();
+        std::fs::create_dir_all(layout.tmp_dir())?;
+        for shard in 0..=255u8 {
+            std::fs::create_dir_all(layout.shard_dir(shard))?;
+        }
+        let metrics = StoreMetrics::register(registry)
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        metrics.budget_bytes.set(config.max_bytes as i64);
+        let store = BlobStore {
+            inner: Arc::new(Inner {
+                config,
+                layout,
+                index,
+                key_locks: (0..KEY_LOCK_SHARDS).map(|_| Mutex::new(())).collect(),
+                accounting: Mutex::new(Accounting::default()),
+                metrics,
+                tmp_counter: AtomicU64::new(0),
+                pending_touches: Mutex::new(PendingTouches::default()),
+                eviction_listener: Mutex::new(None),
+            }),
+        };
+        store.recover(fresh)?;
+        Ok(store)
+    }
+
+    fn recover(&self, fresh: bool) -> Result<(), StoreError> {
+        let layout = &self.inner.layout;
+        // Scratch files of a previous run: nothing refers to them. (Cut uploads, beside
+        // their final place, are removed by the reconciliation after a crash.)
+        let mut orphans = 0usize;
+        for entry in std::fs::read_dir(layout.tmp_dir())? {
+            std::fs::remove_file(entry?.path())?;
+            orphans += 1;
+        }
+        let marker = layout.clean_marker();
+        let was_clean = marker.exists();
+        if was_clean {
+            // From now on we are running: a crash must not find the marker.
+            std::fs::remove_file(&marker)?;
+            sync_dir(&self.inner.config.data_dir)?;
+        } else if !fresh {
+            self.reconcile_files()?;
+        }
+        let mut acct = Accounting::default();
+        self.inner.index.for_each(&mut |_, meta| {
+            acct.stored += meta.size;
+            acct.objects += 1;
+        })?;
+        tracing::info!(
+            objects = acct.objects,
+            bytes = acct.stored,
+            orphan_temp_files = orphans,
+            clean_shutdown = was_clean,
+            new_store = fresh,
+            "blob store opened"
+        );
+        *lock(&self.inner.accounting) = acct;
+        self.publish_gauges();
+        // The budget may have been lowered since the last run.
+        let over = self
+            .stats()
+            .stored_bytes
+            .saturating_sub(self.inner.config.max_bytes);
+        if over > 0 {
+            self.evict_lru(over)?;
+        }
+        Ok(())
+    }
+
+    /// After a crash: drop index entries whose file is gone, and adopt blob files that were
+    /// renamed into place but not yet indexed (they are complete: only whole, verified
+    /// uploads are ever renamed). Lists directories; reads only the files it adopts.
+    fn reconcile_files(&self) -> Result<(), StoreError> {
+        let index = &self.inner.index;
+        let mut indexed: HashMap<String, u64> = HashMap::new();
+        index.for_each(&mut |key, meta| {
+            indexed.insert(key.to_owned(), meta.size);
+        })?;
+        let (mut adopted, mut removed) = (0usize, 0usize);
+        for shard in 0..=255u8 {
+            for entry in std::fs::read_dir(self.inner.layout.shard_dir(shard))? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let key = name.to_str().and_then(|n| BlobKey::parse(n).ok());
+                match key {
+                    Some(key) if key.shard() == shard => {
+                        if indexed.remove(key.as_str()).is_none() {
+                            let meta = self.describe_file(&entry.path())?;
+                            index.insert(key.as_str(), &meta)?;
+                            adopted += 1;
+                        }
+                    }
+                    _ => {
+                        std::fs::remove_file(entry.path())?;
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        let missing = indexed.len();
+        for key in indexed.keys() {
+            index.remove(key)?;
+        }
+        index.flush()?;
+        tracing::warn!(
+            adopted,
+            missing,
+            removed_strays = removed,
+            "reconciled blob files with the index after an unclean shutdown"
+        );
+        self.inner
+            .metrics
+            .dropped
+            .with_label_values(&["missing"])
+            .inc_by(missing as u64);
+        Ok(())
+    }
+
+    fn describe_file(&self, path: &Path) -> Result<BlobMeta, StoreError> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = crate::checksum::ChecksumHasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        let now = now_ms();
+        Ok(BlobMeta {
+            size,
+            checksum: hasher.finish(),
+            created_ms: now,
+            accessed_ms: now,
+            access_seq: self.inner.index.next_seq()?,
+        })
+    }
+
+    /// Flushes the index and marks the shutdown clean, so the next start skips the
+    /// file reconciliation.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.apply_accesses();
+        self.inner.index.flush()?;
+        let marker = self.inner.layout.clean_marker();
+        let file = std::fs::File::create(&marker)?;
+        file.sync_all()?;
+        sync_dir(&self.inner.config.data_dir)?;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let acct = lock(&self.inner.accounting);
+        StoreStats {
+            stored_bytes: acct.stored,
+            objects: acct.objects,
+            reserved_bytes: acct.reserved,
+            budget_bytes: self.inner.config.max_bytes,
+        }
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn fsync_enabled(&self) -> bool {
+        self.inner.config.fsync
+    }
+
+    /// Metadata only: no file access, no change to the LRU order.
+    pub fn head(&self, key: &BlobKey) -> Result<Option<BlobMeta>, StoreError> {
+        let meta = self.inner.index.get(key.as_str())?;
+        Ok(meta.filter(|m| !self.is_expired(m)))
+    }
+
+    pub fn contains(&self, key: &BlobKey) -> Result<bool, StoreError> {
+        Ok(self.head(key)?.is_some())
+    }
+
+    /// Counts as a read for the LRU order (a read of this key through another owner).
+    pub fn touch(&self, key: &BlobKey) -> Result<bool, StoreError> {
+        match self.inner.index.get(key.as_str())? {
+            Some(meta) => {
+                self.note_access(key, &meta);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Registers the function told of each eviction (budget or TTL; not deletions).
+    pub fn set_eviction_listener(&self, listener: EvictionListener) {
+        *lock(&self.inner.eviction_listener) = Some(listener);
+    }
+
+    /// Removes a blob on request (its copy lives elsewhere now). Blocking: index and
+    /// file system. Returns whether there was one.
+    pub fn delete(&self, key: &BlobKey) -> Result<bool, StoreError> {
+        let Some(meta) = self.inner.index.get(key.as_str())? else {
+            return Ok(false);
+        };
+        self.remove_if_current(key, &meta, Removal::Deleted)?;
+        Ok(true)
+    }
+
+    /// Every stored blob's key and metadata, in key order. Blocking; memory grows with
+    /// the number of blobs (about 100 bytes each), which background passes accept.
+    pub fn list(&self) -> Result<Vec<(BlobKey, BlobMeta)>, StoreError> {
+        let mut all = Vec::new();
+        self.inner.index.for_each(&mut |key, meta| {
+            if let Ok(key) = BlobKey::parse(key) {
+                all.push((key, *meta));
+            }
+        })?;
+        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Ok(all)
+    }
+
+    /// Re-reads a blob's file and checks it against its checksum, dropping it when it
+    /// does not match. Does not count as an access. Blocking (reads the whole file).
+    pub fn scrub(&self, key: &BlobKey) -> Result<ScrubOutcome, StoreError> {
+        let Some(meta) = self.inner.index.get(key.as_str())? else {
+            return Ok(ScrubOutcome::Absent);
+        };
+        let path = self.inner.layout.blob_path(key);
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                self.drop_missing(key, &meta)?;
+                return Ok(ScrubOutcome::Dropped);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let mut hasher = crate::checksum::ChecksumHasher::new();
+        let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        if size == meta.size && hasher.finish() == meta.checksum {
+            return Ok(ScrubOutcome::Intact);
+        }
+        tracing::error!(key = %key, "scrub: stored artifact failed verification; dropping it");
+        self.remove_if_current(key, &meta, Removal::Corrupt)?;
+        Ok(ScrubOutcome::Dropped)
+    }
+
+    /// Checks that the data directory accepts writes (readiness).
+    pub async fn probe_writable(&self) -> Result<(), StoreError> {
+        let path = self.inner.layout.tmp_dir().join(".probe");
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&path, b"ok")?;
+            std::fs::remove_file(&path)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Ok(())
+    }
+
+    /// Starts an upload of exactly `len` bytes, reserving them in the budget (evicting
+    /// least recently used blobs if needed).
+    pub async fn begin_write(&self, key: BlobKey, len: u64) -> Result<BlobWriter, StoreError> {
+        if self.contains(&key)? {
+            return Err(StoreError::Exists);
+        }
+        if !self.try_reserve(len)? {
+            // Eviction deletes files: off the async threads.
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.reserve(len))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        }
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = self
+            .inner
+            .layout
+            .temp_path(&key, &format!("{}.{n}", std::process::id()));
+        Ok(BlobWriter::new(self.clone(), key, len, tmp_path))
+    }
+
+    /// Reserves `len` bytes if they fit without evicting anything.
+    fn try_reserve(&self, len: u64) -> Result<bool, StoreError> {
+        let budget = self.inner.config.max_bytes;
+        if len > budget {
+            return Err(StoreError::LargerThanBudget { size: len, budget });
+        }
+        let mut acct = lock(&self.inner.accounting);
+        if acct.stored + acct.reserved + len <= budget {
+            acct.reserved += len;
+            self.inner.metrics.reserved_bytes.set(acct.reserved as i64);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn reserve(&self, len: u64) -> Result<(), StoreError> {
+        let budget = self.inner.config.max_bytes;
+        if len > budget {
+            return Err(StoreError::LargerThanBudget { size: len, budget });
+        }
+        loop {
+            let shortfall = {
+                let mut acct = lock(&self.inner.accounting);
+                let used = acct.stored + acct.reserved;
+                if used + len <= budget {
+                    acct.reserved += len;
+                    self.inner.metrics.reserved_bytes.set(acct.reserved as i64);
+                    return Ok(());
+                }
+                used + len - budget
+            };
+            if self.evict_lru(shortfall)? == 0 {
+                return Err(StoreError::BudgetExhausted { budget });
+            }
+        }
+    }
+
+    pub(crate) fn release_reservation(&self, len: u64) {
+        let mut acct = lock(&self.inner.accounting);
+        acct.reserved = acct.reserved.saturating_sub(len);
+        self.inner.metrics.reserved_bytes.set(acct.reserved as i64);
+    }
+
+    pub(crate) fn count_write_failure(&self, reason: &str) {
+        self.inner
+            .metrics
+            .write_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    fn key_lock(&self, key: &BlobKey) -> std::sync::MutexGuard<'_, ()> {
+        let shard = key.shard() as usize % KEY_LOCK_SHARDS;
+        lock(&self.inner.key_locks[shard])
+    }
+
+    /// Renames a complete temp file into place and indexes it; consumes the temp file and
+    /// the reservation whatever happens. Blocking.
+    pub(crate) fn publish_blocking(
+        &self,
+        key: &BlobKey,
+        tmp_path: &Path,
+        len: u64,
+        checksum: Checksum,
+    ) -> Result<BlobMeta, StoreError> {
+        let outcome = self.publish_renamed(key, tmp_path, len, checksum);
+        if let Err(err) = &outcome {
+            let _ = std::fs::remove_file(tmp_path);
+            self.count_write_failure(crate::write::failure_reason(err));
+        }
+        self.release_reservation(len);
+        outcome
+    }
+
+    fn publish_renamed(
+        &self,
+        key: &BlobKey,
+        tmp_path: &Path,
+        len: u64,
+        checksum: Checksum,
+    ) -> Result<BlobMeta, StoreError> {
+        let final_path = self.inner.layout.blob_path(key);
+        let now = now_ms();
+        let meta = BlobMeta {
+            size: len,
+            checksum,
+            created_ms: now,
+            accessed_ms: now,
+            access_seq: self.inner.index.next_seq()?,
+        };
+        {
+            let _guard = self.key_lock(key);
+            if self.inner.index.get(key.as_str())?.is_some() {
+                return Err(StoreError::Exists);
+            }
+            std::fs::rename(tmp_path, &final_path)?;
+            if let Err(err) = self.inner.index.insert(key.as_str(), &meta) {
+                let _ = std::fs::remove_file(&final_path);
+                return Err(err.into());
+            }
+            let mut acct = lock(&self.inner.accounting);
+            acct.stored += len;
+            acct.objects += 1;
+        }
+        if self.inner.config.fsync {
+            // The rename itself must survive power loss before we acknowledge.
+            sync_dir(final_path.parent().expect("blob path has a parent"))?;
+        }
+        self.publish_gauges();
+        Ok(meta)
+    }
+
+    /// Opens a blob for reading, or `None` on a miss. A blob whose file is missing,
+    /// truncated or fails its checksum is dropped and reported as a miss (small blobs) or
+    /// as a stream error before its last chunk (large blobs).
+    pub async fn read(&self, key: &BlobKey) -> Result<Option<BlobRead>, StoreError> {
+        let Some(meta) = self.inner.index.get(key.as_str())? else {
+            return Ok(None);
+        };
+        if self.is_expired(&meta) {
+            self.remove_if_current(key, &meta, Removal::Ttl)?;
+            return Ok(None);
+        }
+        let path = self.inner.layout.blob_path(key);
+        let body = if meta.size <= VERIFY_BEFORE_SEND_MAX {
+            let read = if meta.size <= INLINE_READ_MAX {
+                // A few pages, nearly always in the page cache: reading them here costs
+                // less than the two thread hand-offs of the blocking pool.
+                std::fs::read(path)
+            } else {
+                tokio::task::spawn_blocking(move || std::fs::read(path))
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            };
+            match read {
+                Ok(bytes) => {
+                    if bytes.len() as u64 != meta.size
+                        || crate::checksum::checksum_of(&bytes) != meta.checksum
+                    {
+                        self.drop_corrupt(key, &meta).await;
+                        return Ok(None);
+                    }
+                    BlobBody::Verified(Bytes::from(bytes))
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    self.drop_missing(key, &meta)?;
+                    return Ok(None);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        } else {
+            match tokio::fs::File::open(&path).await {
+                Ok(file) => {
+                    if file.metadata().await?.len() != meta.size {
+                        self.drop_corrupt(key, &meta).await;
+                        return Ok(None);
+                    }
+                    verified_stream(self.clone(), key.clone(), meta, file)
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    self.drop_missing(key, &meta)?;
+                    return Ok(None);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        };
+        self.note_access(key, &meta);
+        Ok(Some(BlobRead { meta, body }))
+    }
+
+    /// Records a read. Reads do not write to the index themselves: accesses are
+    /// collected here and applied in one batch, in access order, by the maintenance
+    /// worker and before anything consults the LRU order (eviction, expiry, close).
+    fn note_access(&self, key: &BlobKey, meta: &BlobMeta) {
+        let mut pending = lock(&self.inner.pending_touches);
+        pending.counter += 1;
+        let order = pending.counter;
+        let now = now_ms();
+        pending
+            .accesses
+            .entry(key.clone())
+            .and_modify(|a| {
+                a.order = order;
+                a.accessed_ms = now;
+            })
+            .or_insert(PendingAccess {
+                order,
+                seen: *meta,
+                accessed_ms: now,
+            });
+    }
+
+    /// Moves every blob read since the last call to the recent end of the LRU order.
+    /// Best effort: a failure only makes eviction less exact, so it is logged.
+    pub fn apply_accesses(&self) {
+        let mut batch: Vec<(BlobKey, PendingAccess)> = {
+            let mut pending = lock(&self.inner.pending_touches);
+            if pending.accesses.is_empty() {
+                return;
+            }
+            pending.accesses.drain().collect()
+        };
+        batch.sort_by_key(|(_, a)| a.order);
+        let index = &self.inner.index;
+        for (key, access) in batch {
+            let result = index.next_seq().and_then(|seq| {
+                let newer = BlobMeta {
+                    accessed_ms: access.accessed_ms,
+                    access_seq: seq,
+                    ..access.seen
+                };
+                // Refused when the blob changed meanwhile (evicted, dropped): nothing to do.
+                index.touch(key.as_str(), &access.seen, &newer)
+            });
+            if let Err(err) = result {
+                tracing::warn!(%err, "could not record an access in the index");
+            }
+        }
+    }
+
+    fn is_expired(&self, meta: &BlobMeta) -> bool {
+        match self.inner.config.ttl {
+            Some(ttl) => now_ms().saturating_sub(meta.accessed_ms) > ttl.as_millis() as u64,
+            None => false,
+        }
+    }
+
+    pub(crate) async fn drop_corrupt(&self, key: &BlobKey, meta: &BlobMeta) {
+        tracing::error!(key = %key, "stored artifact failed verification; dropping it");
+        let store = self.clone();
+        let (key, meta) = (key.clone(), *meta);
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.remove_if_current(&key, &meta, Removal::Corrupt)
+        })
+        .await;
+        if let Ok(Err(err)) = outcome {
+            tracing::error!(%err, "could not drop a corrupt artifact");
+        }
+    }
+
+    fn drop_missing(&self, key: &BlobKey, meta: &BlobMeta) -> Result<(), StoreError> {
+        tracing::warn!(key = %key, "indexed artifact has no file; dropping the entry");
+        self.remove_if_current(key, meta, Removal::Missing)
+            .map(|_| ())
+    }
+
+    /// Removes a blob if the index still describes the same bytes as `seen` (a newer
+    /// upload of the key after an eviction must not be removed by a stale decision).
+    /// Returns the bytes freed.
+    fn remove_if_current(
+        &self,
+        key: &BlobKey,
+        seen: &BlobMeta,
+        why: Removal,
+    ) -> Result<u64, StoreError> {
+        let _guard = self.key_lock(key);
+        match self.inner.index.get(key.as_str())? {
+            Some(current)
+                if current.checksum == seen.checksum && current.created_ms == seen.created_ms => {}
+            _ => return Ok(0),
+        }
+        let Some(removed) = self.inner.index.remove(key.as_str())? else {
+            return Ok(0);
+        };
+        if let Err(err) = std::fs::remove_file(self.inner.layout.blob_path(key))
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(key = %key, %err, "could not delete an evicted blob file");
+        }
+        {
+            let mut acct = lock(&self.inner.accounting);
+            acct.stored = acct.stored.saturating_sub(removed.size);
+            acct.objects = acct.objects.saturating_sub(1);
+        }
+        let m = &self.inner.metrics;
+        match why {
+            Removal::Budget | Removal::Ttl => {
+                m.evictions.with_label_values(&[why.label()]).inc();
+                m.evicted_bytes
+                    .with_label_values(&[why.label()])
+                    .inc_by(removed.size);
+            }
+            Removal::Corrupt | Removal::Missing | Removal::Deleted => {
+                m.dropped.with_label_values(&[why.label()]).inc();
+            }
+        }
+        self.publish_gauges();
+        if matches!(why, Removal::Budget | Removal::Ttl) {
+            let listener = lock(&self.inner.eviction_listener).clone();
+            if let Some(listener) = listener {
+                listener(key);
+            }
+        }
+        Ok(removed.size)
+    }
+
+    /// Evicts least recently used blobs until at least `needed` bytes are freed or nothing
+    /// is left. Returns the bytes freed.
+    fn evict_lru(&self, needed: u64) -> Result<u64, StoreError> {
+        self.apply_accesses();
+        let mut freed = 0;
+        while freed < needed {
+            let batch = self.inner.index.least_recent(32)?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut progress = false;
+            for (key, meta) in batch {
+                let Ok(key) = BlobKey::parse(&key) else {
+                    continue;
+                };
+                let n = self.remove_if_current(&key, &meta, Removal::Budget)?;
+                progress |= n > 0;
+                freed += n;
+                if freed >= needed {
+                    break;
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        if freed > 0 {
+            tracing::debug!(freed, needed, "evicted least recently used artifacts");
+        }
+        Ok(freed)
+    }
+
+    /// Evicts every blob idle for longer than the TTL. Returns how many.
+    pub fn expire_idle(&self) -> Result<usize, StoreError> {
+        let Some(ttl) = self.inner.config.ttl else {
+            return Ok(0);
+        };
+        self.apply_accesses();
+        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let mut expired = 0;
+        loop {
+            let batch = self.inner.index.least_recent(64)?;
+            let mut progressed = false;
+            for (key, meta) in &batch {
+                if meta.accessed_ms >= cutoff {
+                    return Ok(expired);
+                }
+                if let Ok(key) = BlobKey::parse(key)
+                    && self.remove_if_current(&key, meta, Removal::Ttl)? > 0
+                {
+                    expired += 1;
+                    progressed = true;
+                }
+            }
+            if batch.is_empty() || !progressed {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// The store's background worker, until `stop` resolves: applies recorded reads to
+    /// the LRU order every second, and evicts idle blobs every `expire_every` when a TTL
+    /// is set.
+    pub async fn run_maintenance(
+        &self,
+        expire_every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut touches = tokio::time::interval(Duration::from_secs(1));
+        let mut expiry = tokio::time::interval(expire_every);
+        touches.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let store = self.clone();
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = touches.tick() => {
+                    let _ = tokio::task::spawn_blocking(move || store.apply_accesses()).await;
+                }
+                _ = expiry.tick(), if self.inner.config.ttl.is_some() => {
+                    match tokio::task::spawn_blocking(move || store.expire_idle()).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(expired = n, "evicted idle artifacts"),
+                        Ok(Err(err)) => tracing::warn!(%err, "TTL sweep failed"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let acct = lock(&self.inner.accounting);
+        let m = &self.inner.metrics;
+        m.stored_bytes.set(acct.stored as i64);
+        m.objects.set(acct.objects as i64);
+        m.reserved_bytes.set(acct.reserved as i64);
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}

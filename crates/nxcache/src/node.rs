@@ -1,0 +1,394 @@
+//! One running node: its store, its HTTP listener, its background workers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::StatusCode;
+use std::collections::BTreeMap;
+
+use nxcache_auth::{Digest, Scope, load_or_create_token};
+use nxcache_meta::{Faults, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord};
+use nxcache_rpc::{ClusterSecret, PeerTls};
+
+use crate::cluster::now_ms;
+use nxcache_config::ServeConfig;
+use nxcache_http::{ApiConfig, ApiState, HttpMetrics, Readiness};
+use nxcache_store::{BlobStore, StoreConfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::listener::{ListenerConfig, serve};
+
+/// How long shutdown waits for a background worker to finish what it is doing.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// File in the data dir holding the token made when none is configured.
+const GENERATED_TOKEN_FILE: &str = "generated-token";
+/// File in the data dir holding the cluster secret made when none is configured.
+const GENERATED_SECRET_FILE: &str = "cluster-secret";
+
+/// A node that is serving. Dropping it does not stop it; call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    http_addr: SocketAddr,
+    scheme: &'static str,
+    base_path: String,
+    stop: watch::Sender<bool>,
+    serving: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+    store: BlobStore,
+    readiness: Readiness,
+    meta: MetaNode,
+    data: nxcache_replication::DataPlane,
+}
+
+impl RunningNode {
+    /// The node's data plane (its store, its view of placement, its workers).
+    pub fn data(&self) -> &nxcache_replication::DataPlane {
+        &self.data
+    }
+
+    /// The node's metadata log member.
+    pub fn meta(&self) -> &MetaNode {
+        &self.meta
+    }
+
+    /// The address the HTTP API listens on (the real port when 0 was asked for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Base URL for `NX_SELF_HOSTED_REMOTE_CACHE_SERVER`.
+    pub fn base_url(&self) -> String {
+        let host = if self.http_addr.ip().is_unspecified() {
+            format!("localhost:{}", self.http_addr.port())
+        } else {
+            self.http_addr.to_string()
+        };
+        format!("{}://{host}{}", self.scheme, self.base_path)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by the shutdown
+    /// timeout), stops the workers and closes the store cleanly.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.readiness.start_draining();
+        let _ = self.stop.send(true);
+        let _ = self.serving.await;
+        // Workers stop at their next pause; one in the middle of a copy to a peer that
+        // no longer answers is cut off (a cut copy stores nothing anywhere).
+        for mut worker in self.workers {
+            if tokio::time::timeout(WORKER_STOP_GRACE, &mut worker)
+                .await
+                .is_err()
+            {
+                worker.abort();
+            }
+        }
+        self.meta.shutdown().await;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .context("closing the store")??;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+/// Tokens from the configuration, to be seeded into the cluster's table, and the token
+/// generated on a first start (when it was just created, to print it once).
+fn seed_tokens(
+    config: &ServeConfig,
+) -> anyhow::Result<(BTreeMap<String, TokenRecord>, Option<String>)> {
+    let record = |secret: &str, scope: Scope| TokenRecord {
+        namespace: String::new(),
+        read_from: Vec::new(),
+        digest: Digest::of(secret).to_hex(),
+        scope: scope.as_str().into(),
+        created_ms: now_ms(),
+    };
+    let mut seeds = BTreeMap::new();
+    for (list, scope, prefix) in [
+        (&config.read_write_tokens, Scope::ReadWrite, "read-write"),
+        (&config.read_only_tokens, Scope::Read, "read-only"),
+        (&config.admin_tokens, Scope::Admin, "admin"),
+    ] {
+        for (i, t) in list.iter().enumerate() {
+            seeds.insert(format!("{prefix}-{}", i + 1), record(t.expose(), scope));
+        }
+    }
+    if !seeds.is_empty() || !config.cluster.bootstrap {
+        // A joining node with no tokens of its own uses the cluster's.
+        return Ok((seeds, None));
+    }
+    // Never run open: a new cluster with no token configured gets one, kept on disk.
+    let path = config.data_dir.join(GENERATED_TOKEN_FILE);
+    let (token, created) = load_or_create_token(&path)
+        .with_context(|| format!("cannot create or read the token file {}", path.display()))?;
+    seeds.insert("generated".into(), record(&token, Scope::ReadWrite));
+    if created {
+        Ok((seeds, Some(token)))
+    } else {
+        tracing::info!(
+            path = %path.display(),
+            "no token configured; using the read-write token generated on first start"
+        );
+        Ok((seeds, None))
+    }
+}
+
+/// The configured cluster secret, or (for a node that starts a cluster alone) one
+/// generated on first start and kept in the data dir.
+fn cluster_secret(config: &ServeConfig) -> anyhow::Result<ClusterSecret> {
+    let secret = match &config.cluster.secret {
+        Some(secret) => secret.expose().to_owned(),
+        None => {
+            let path = config.data_dir.join(GENERATED_SECRET_FILE);
+            let (secret, created) = load_or_create_token(&path)
+                .with_context(|| format!("cannot create or read {}", path.display()))?;
+            if created {
+                tracing::info!(
+                    path = %path.display(),
+                    "generated a cluster secret; other nodes need this value as NXCACHE_CLUSTER_SECRET to join"
+                );
+            }
+            secret
+        }
+    };
+    ClusterSecret::new(&secret).map_err(anyhow::Error::msg)
+}
+
+/// Writes the cluster settings given on this node's command line (or file) when they
+/// differ from the cluster's: the latest node started with a setting decides it.
+async fn apply_settings(meta: &MetaNode, cluster: &nxcache_config::ClusterConfig) {
+    if cluster.replication_factor.is_none()
+        && cluster.write_quorum.is_none()
+        && cluster.on_degraded.is_none()
+        && cluster.max_voters.is_none()
+    {
+        return;
+    }
+    if !meta.wait_ready(Duration::from_secs(30)).await {
+        tracing::warn!("no leader: the cluster settings given to this node were not applied");
+        return;
+    }
+    let current = meta.state().cluster.settings;
+    let mut wanted = current.clone();
+    if let Some(rf) = cluster.replication_factor {
+        wanted.replication_factor = rf;
+    }
+    if let Some(w) = cluster.write_quorum {
+        wanted.write_quorum = w;
+    }
+    if let Some(v) = cluster.max_voters {
+        wanted.max_voters = v;
+    }
+    if let Some(p) = &cluster.on_degraded {
+        wanted.on_degraded = p.clone();
+    }
+    if wanted == current {
+        return;
+    }
+    match meta
+        .write(nxcache_meta::MetaCommand::SetSettings {
+            settings: wanted.clone(),
+        })
+        .await
+    {
+        Ok(_) => tracing::info!(?wanted, "cluster settings updated"),
+        Err(err) => tracing::warn!(%err, "could not update the cluster settings"),
+    }
+}
+
+/// Opens the store and starts serving. Returns once the listener is bound.
+pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
+    let registry = nxcache_telemetry::new_registry();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let store_config = StoreConfig {
+        data_dir: config.data_dir.clone(),
+        max_bytes: config.max_disk_usage,
+        ttl: config.ttl,
+        fsync: config.fsync,
+    };
+    let store = {
+        let registry = registry.clone();
+        tokio::task::spawn_blocking(move || BlobStore::open(store_config, &registry))
+            .await?
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?
+    };
+    let (seeds, new_token) = seed_tokens(&config)?;
+    let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let http_addr = listener.local_addr()?;
+    let grpc_listener = tokio::net::TcpListener::bind(config.cluster.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", config.cluster.grpc_listen))?;
+    // Port 0 (tests, ephemeral set-ups): advertise the port actually bound.
+    let mut config = config;
+    let grpc_port = grpc_listener.local_addr()?.port();
+    if let Some(host) = config.cluster.advertise.strip_suffix(":0") {
+        config.cluster.advertise = format!("{host}:{grpc_port}");
+    }
+    if config.listen.port() == 0 {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = config
+            .cluster
+            .advertise
+            .rsplit_once(':')
+            .map_or("127.0.0.1", |(h, _)| h);
+        config.cluster.advertise_http =
+            format!("{scheme}://{host}:{}{}", http_addr.port(), config.base_path);
+    }
+    let secret = cluster_secret(&config)?;
+    let peer_tls = config
+        .cluster
+        .peer_tls
+        .as_ref()
+        .map(|f| PeerTls::load(&f.cert, &f.key, &f.ca))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let topology = Arc::new(crate::topology::MetaTopology::new(config.cluster.node_id));
+    let blobs_for_peers = nxcache_replication::BlobService::new(store.clone(), topology.clone());
+    let meta = MetaNode::start(
+        MetaConfig {
+            node_id: config.cluster.node_id,
+            data_dir: config.data_dir.clone(),
+            advertise: MemberNode {
+                grpc_addr: config.cluster.advertise.clone(),
+                http_addr: config.cluster.advertise_http.clone(),
+                zone: config.cluster.zone.clone(),
+            },
+            secret: secret.clone(),
+            tls: peer_tls.clone(),
+            bootstrap: config.cluster.bootstrap,
+            join: config.cluster.join.clone(),
+            seed_tokens: seeds,
+            timing: RaftTiming::default(),
+            faults: Faults::default(),
+            // Peers read this node's artifacts through the same gRPC server.
+            peer_services: Some(Box::new(move |routes, secret_check| {
+                routes.add_service(
+                    nxcache_rpc::pb::blobs_server::BlobsServer::with_interceptor(
+                        blobs_for_peers,
+                        secret_check,
+                    ),
+                )
+            })),
+        },
+        grpc_listener,
+        &registry,
+    )
+    .await
+    .context("cannot start the cluster metadata node")?;
+    if config.cluster.bootstrap && !meta.wait_ready(Duration::from_secs(30)).await {
+        tracing::warn!("no leader after 30 s: serving anyway; /readyz says why it is not ready");
+    }
+    topology.attach(meta.clone());
+    apply_settings(&meta, &config.cluster).await;
+    let hints_dir = config.data_dir.join("hints");
+    let hints = tokio::task::spawn_blocking(move || nxcache_replication::HintLog::open(&hints_dir))
+        .await?
+        .context("cannot open the hint log")?;
+    let data = nxcache_replication::DataPlane::new(
+        store.clone(),
+        topology,
+        nxcache_replication::Peers::new(
+            secret,
+            peer_tls.as_ref().map(PeerTls::client_config),
+            meta.grpc_client_metrics(),
+        ),
+        hints,
+        nxcache_replication::ReplicationMetrics::register(&registry)?,
+    );
+    let readiness = Readiness::default();
+    let state = ApiState {
+        data: data.clone(),
+        auth: meta.authenticator(),
+        cluster: Arc::new(crate::cluster::MetaControl(meta.clone())),
+        config: Arc::new(ApiConfig {
+            base_path: config.base_path.clone(),
+            max_artifact_size: config.max_artifact_size,
+            put_success_status: StatusCode::from_u16(config.put_success_status)
+                .expect("validated status"),
+            body_idle_timeout: config.body_idle_timeout,
+        }),
+        metrics: HttpMetrics::register(&registry)?,
+        registry,
+        readiness: readiness.clone(),
+        uploads: nxcache_http::UploadSlots::new(config.max_concurrent_uploads),
+    };
+    let router = nxcache_http::router(state);
+    let (stop, stop_rx) = watch::channel(false);
+    let serving = tokio::spawn(serve(
+        listener,
+        router,
+        tls,
+        ListenerConfig {
+            max_connections: config.max_connections,
+            header_timeout: config.header_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+        },
+        stop_rx.clone(),
+    ));
+    let mut workers = Vec::new();
+    {
+        let store = store.clone();
+        let mut stop_rx = stop_rx.clone();
+        // Sweep often enough that nothing outlives its TTL by more than a tenth of it.
+        let expire_every = config
+            .ttl
+            .map_or(Duration::from_secs(300), |ttl| ttl / 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(300));
+        workers.push(tokio::spawn(async move {
+            store
+                .run_maintenance(expire_every, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    workers.extend(data.spawn_workers(
+        nxcache_replication::WorkerConfig {
+            anti_entropy_every: config.cluster.anti_entropy_interval,
+            scrub_bytes_per_sec: config.cluster.scrub_rate,
+            ..Default::default()
+        },
+        stop_rx.clone(),
+    ));
+    let node = RunningNode {
+        http_addr,
+        scheme: if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        base_path: config.base_path.clone(),
+        stop,
+        serving,
+        workers,
+        store,
+        readiness,
+        meta,
+        data,
+    };
+    if let Some(token) = new_token {
+        // Printed once, on stdout (not in the log stream), ready to paste.
+        println!(
+            "No access token was configured, so nxcache generated a read-write token and keeps it in {}.\n\
+             Point Nx at this server with:\n\n\
+             NX_SELF_HOSTED_REMOTE_CACHE_SERVER={}\n\
+             NX_SELF_HOSTED_REMOTE_CACHE_ACCESS_TOKEN={token}\n",
+            config.data_dir.join(GENERATED_TOKEN_FILE).display(),
+            node.base_url()
+        );
+    }
+    tracing::info!(url = %node.base_url(), data_dir = %config.data_dir.display(), "nxcache is serving");
+    Ok(node)
+}

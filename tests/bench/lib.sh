@@ -1,0 +1,30 @@
+# Shared by the benchmark scripts: sourced after `set -euo pipefail`, with $root set.
+# Builds the release binary and sets up: $bin, $work (removed on exit), $out (the JSON
+# lines file, named after $1), pids+=() for processes to stop on exit.
+bench_setup() { # $1 = results file prefix
+  command -v python3 >/dev/null || { echo "python3 is needed to compute ratios" >&2; exit 2; }
+  (cd "$root" && cargo build --release -q -p nxcache)
+  bin="$root/target/release/nxcache"
+  work=$(mktemp -d /var/tmp/nxcache-bench.XXXXXX)
+  mkdir -p "$root/bench-results"
+  out="$root/bench-results/$1-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_http() { for _ in $(seq 200); do "$bin" probe "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "no answer from $1" >&2; return 1; }
+
+bench() { # $1 label, $2 url, $3 size, $4 concurrency, $5 count, $6 get rounds
+  local json
+  json=$("$bin" bench --url "$2" --token bench --size "$3" --concurrency "$4" --count "$5" --get-rounds "$6" --json)
+  echo "{\"label\":\"$1\",\"report\":$json}" | tee -a "$out" >/dev/null
+  echo "$json" | python3 -c "import json,sys; r=json.load(sys.stdin); print(f\"  {'$1':<22} PUT {r['put']['requests_per_second']:8.1f}/s  GET {r['get']['requests_per_second']:8.1f}/s  GET p50 {r['get']['p50_ms']:.3f} ms p99 {r['get']['p99_ms']:.3f} ms\")"
+}

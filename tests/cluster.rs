@@ -1,0 +1,414 @@
+//! Real `nxcache serve` processes forming a cluster, driven through `nxcache admin`.
+
+use std::time::{Duration, Instant};
+
+use nxcache_tests::{ProcessCluster, RW_TOKEN, admin, admin_status, wait_until};
+use reqwest::StatusCode;
+
+fn leader_of(status: &serde_json::Value) -> Option<u64> {
+    status["leader_id"].as_u64()
+}
+
+fn settled(status: &serde_json::Value, members: usize) -> bool {
+    let list = status["members"].as_array().cloned().unwrap_or_default();
+    leader_of(status).is_some()
+        && list.len() == members
+        && list
+            .iter()
+            .all(|m| m["reachable"] == true && m["state"] == "active")
+        && list.iter().filter(|m| m["role"] == "voter").count() == members.min(3)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_form_a_cluster_survive_a_leader_kill_and_rejoin() {
+    let mut cluster = ProcessCluster::start(3);
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
+
+    wait_until(Duration::from_secs(60), "three members, one leader", || {
+        let url = urls[0].clone();
+        async move { admin_status(&url).is_some_and(|s| settled(&s, 3)) }
+    })
+    .await;
+    let status = admin_status(&urls[2]).unwrap();
+    assert_eq!(status["ring_epoch"].as_u64().map(|e| e > 0), Some(true));
+    let old_leader = leader_of(&status).unwrap();
+    // Raft is visible in the metrics of every node.
+    let page = nxcache_tests::metrics_page(&urls[2]).await;
+    for series in [
+        "nxcache_raft_term",
+        "nxcache_raft_applied_index",
+        "nxcache_raft_last_log_index",
+        "nxcache_raft_snapshots_total",
+        "nxcache_ring_epoch",
+    ] {
+        assert!(
+            nxcache_tests::metric(&page, series).is_some(),
+            "{series} missing"
+        );
+    }
+    assert_eq!(
+        nxcache_tests::metric(&page, "nxcache_raft_members"),
+        Some(3.0)
+    );
+    assert_eq!(
+        nxcache_tests::metric(&page, "nxcache_raft_leader_id"),
+        Some(old_leader as f64)
+    );
+    // The leader replicates: its RPCs to peers are counted and timed.
+    let leader_page = nxcache_tests::metrics_page(&urls[(old_leader - 1) as usize]).await;
+    assert!(leader_page.contains(r#"nxcache_raft_rpcs_total{result="ok",rpc="append_entries"}"#));
+    assert!(leader_page.contains("nxcache_raft_rpc_duration_seconds_bucket"));
+    assert_eq!(
+        nxcache_tests::metric(&leader_page, "nxcache_raft_is_leader"),
+        Some(1.0)
+    );
+
+    // A token made through node 2's admin API works on node 3's cache API.
+    let (ok, created) = admin(
+        &urls[1],
+        &[
+            "tokens",
+            "create",
+            "--scope",
+            "read-write",
+            "--name",
+            "ci",
+            "--json",
+        ],
+    );
+    assert!(ok, "{created}");
+    let secret = serde_json::from_str::<serde_json::Value>(created.trim()).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let put = |url: String, token: String, hash: &'static str| async move {
+        reqwest::Client::new()
+            .put(format!("{url}/v1/cache/{hash}"))
+            .bearer_auth(token)
+            .body("bytes")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "new token accepted on node 3",
+        || {
+            let (url, secret) = (urls[2].clone(), secret.clone());
+            async move { put(url, secret, "1").await == StatusCode::OK }
+        },
+    )
+    .await;
+    let (ok, text) = admin(&urls[0], &["tokens", "revoke", "ci"]);
+    assert!(ok, "{text}");
+    wait_until(
+        Duration::from_secs(5),
+        "revoked token refused on node 3",
+        || {
+            let (url, secret) = (urls[2].clone(), secret.clone());
+            async move { put(url, secret, "2").await == StatusCode::UNAUTHORIZED }
+        },
+    )
+    .await;
+
+    // An artifact written through node 1 is read through node 3: a node that misses asks
+    // the other members (read-through; replication of writes comes with placement).
+    let client = reqwest::Client::new();
+    let body = nxcache_tests::random_bytes(300_000);
+    let stored = client
+        .put(format!("{}/v1/cache/777", urls[0]))
+        .bearer_auth(RW_TOKEN)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(stored, StatusCode::OK);
+    let got = client
+        .get(format!("{}/v1/cache/777", urls[2]))
+        .bearer_auth(RW_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert!(
+        got.bytes().await.unwrap()[..] == body[..],
+        "bytes differ through node 3"
+    );
+    let head = client
+        .head(format!("{}/v1/cache/777", urls[1]))
+        .bearer_auth(RW_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["content-length"], "300000");
+    let missing = client
+        .get(format!("{}/v1/cache/778", urls[2]))
+        .bearer_auth(RW_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    // Three members, replication factor 3: everything written is held by every node.
+    wait_until(
+        Duration::from_secs(30),
+        "the same objects on every node",
+        || {
+            let urls = urls.clone();
+            async move {
+                let mut counts = Vec::new();
+                for url in &urls {
+                    let page = nxcache_tests::metrics_page(url).await;
+                    counts.push(nxcache_tests::metric(&page, "nxcache_store_objects"));
+                }
+                counts[0].is_some_and(|c| c >= 1.0) && counts.iter().all(|c| *c == counts[0])
+            }
+        },
+    )
+    .await;
+
+    // kill -9 the leader: a new one within 10 s.
+    let victim = (old_leader - 1) as usize;
+    cluster.nodes[victim].kill9();
+    let killed_at = Instant::now();
+    let survivor = urls[(victim + 1) % 3].clone();
+    wait_until(Duration::from_secs(10), "a new leader", || {
+        let url = survivor.clone();
+        async move {
+            admin_status(&url).is_some_and(|s| leader_of(&s).is_some_and(|l| l != old_leader))
+        }
+    })
+    .await;
+    eprintln!("new leader after {:?}", killed_at.elapsed());
+    let status = admin_status(&survivor).unwrap();
+    let victim_view = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == old_leader)
+        .cloned()
+        .unwrap();
+    assert_eq!(victim_view["reachable"], false, "{status}");
+    // Writes go on through the survivors.
+    assert_eq!(
+        put(survivor.clone(), RW_TOKEN.into(), "3").await,
+        StatusCode::OK
+    );
+
+    // The killed node restarts from its data dir and rejoins the same cluster.
+    cluster.nodes[victim].restart();
+    let restarted = cluster.nodes[victim].url.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted node rejoined",
+        || {
+            let (a, b) = (restarted.clone(), survivor.clone());
+            async move {
+                admin_status(&a).is_some_and(|s| settled(&s, 3))
+                    && admin_status(&b).is_some_and(|s| settled(&s, 3))
+            }
+        },
+    )
+    .await;
+    let a = admin_status(&restarted).unwrap();
+    let b = admin_status(&survivor).unwrap();
+    assert_eq!(leader_of(&a), leader_of(&b), "one cluster, one leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
+    let cluster = ProcessCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = format!("127.0.0.1:{}", nxcache_tests::free_port());
+    let seed = format!("127.0.0.1:{}", cluster.grpc_ports[0]);
+    let intruder = nxcache_tests::NodeProcess::start(
+        &dir.path().join("intruder"),
+        &[
+            "--node-id",
+            "9",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            &grpc,
+            "--advertise",
+            &grpc,
+            "--join",
+            &seed,
+        ],
+        &[("NXCACHE_CLUSTER_SECRET", "not-the-cluster-secret")],
+    );
+    let url = cluster.nodes[0].url.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "the refused joins are counted",
+        || {
+            let url = url.clone();
+            async move {
+                let page = nxcache_tests::metrics_page(&url).await;
+                nxcache_tests::metric(
+                    &page,
+                    r#"nxcache_cluster_rejected_calls_total{reason="wrong"}"#,
+                )
+                .is_some_and(|n| n >= 1.0)
+            }
+        },
+    )
+    .await;
+    let status = admin_status(&url).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 1, "{status}");
+    // The intruder never becomes ready.
+    let ready = reqwest::get(format!("{}/readyz", intruder.url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Peak and current resident memory of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Deterministic artifact bytes, made (and checked) a chunk at a time.
+fn chunk_of(i: u64) -> bytes::Bytes {
+    let mut v = vec![0u8; 1 << 20];
+    for (j, b) in v.iter_mut().enumerate() {
+        *b = (j as u64).wrapping_mul(2654435761).wrapping_add(i * 7919) as u8;
+    }
+    bytes::Bytes::from(v)
+}
+
+async fn settled_with(url: &str, members: usize, replication_factor: u64) {
+    let url = url.to_owned();
+    nxcache_tests::wait_until(Duration::from_secs(60), "cluster settled", || {
+        let url = url.clone();
+        async move {
+            nxcache_tests::admin_status(&url).is_some_and(|s| {
+                settled(&s, members) && s["data"]["replication_factor"] == replication_factor
+            })
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_512_mib_artifact_streams_through_a_node_that_does_not_own_it() {
+    let cluster = nxcache_tests::ProcessCluster::start_with(
+        3,
+        &["--replication-factor", "2", "--max-artifact-size", "1GiB"],
+    );
+    for node in &cluster.nodes {
+        settled_with(&node.url, 3, 2).await;
+    }
+    // Node 3 owns none of this key's copies: all bytes pass through it.
+    let members: Vec<nxcache_placement::Member> = (1..=3)
+        .map(|id| nxcache_placement::Member {
+            id,
+            zone: String::new(),
+        })
+        .collect();
+    let ring = nxcache_placement::Ring::new(0, &members, 2, nxcache_placement::DEFAULT_VNODES);
+    let hash = (1..1000u64)
+        .map(|n| n.to_string())
+        .find(|h| !ring.owners(h).contains(&3))
+        .unwrap();
+    let via = &cluster.nodes[2];
+    let pid = via.pid();
+    let (_, rss_before) = memory_kib(pid);
+    const CHUNKS: u64 = 512;
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
+        (0..CHUNKS).map(|i| Ok::<_, std::io::Error>(chunk_of(i))),
+    ));
+    let client = reqwest::Client::new();
+    let response = client
+        .put(format!("{}/v1/cache/{hash}", via.url))
+        .bearer_auth(RW_TOKEN)
+        .header("content-length", CHUNKS << 20)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut response = client
+        .get(format!("{}/v1/cache/{hash}", via.url))
+        .bearer_auth(RW_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (mut received, mut expected, mut at) = (0u64, chunk_of(0), 0usize);
+    let mut index = 0;
+    while let Some(part) = response.chunk().await.unwrap() {
+        for b in part.iter() {
+            if at == expected.len() {
+                index += 1;
+                expected = chunk_of(index);
+                at = 0;
+            }
+            assert_eq!(*b, expected[at], "byte {received} differs");
+            at += 1;
+            received += 1;
+        }
+    }
+    assert_eq!(received, CHUNKS << 20);
+    let (peak, _) = memory_kib(pid);
+    let growth_mib = peak.saturating_sub(rss_before) / 1024;
+    assert!(
+        growth_mib < 64,
+        "the relaying node grew by {growth_mib} MiB for a 512 MiB artifact"
+    );
+    eprintln!("peak RSS growth of the relaying node: {growth_mib} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_an_owner_during_uploads_loses_nothing_acknowledged() {
+    let mut cluster = nxcache_tests::ProcessCluster::start(3);
+    for node in &cluster.nodes {
+        settled_with(&node.url, 3, 3).await;
+    }
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
+    let client = reqwest::Client::new();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    for n in 0..200u64 {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let (client, acked) = (client.clone(), acked.clone());
+        let url = urls[(n % 2) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let body = nxcache_tests::random_bytes(1000 + (n as usize % 17) * 60_000);
+            let hash = (7_000_000 + n).to_string();
+            if nxcache_tests::put(&client, &url, &hash, body.clone()).await == 200 {
+                acked.lock().unwrap().push((hash, body));
+            }
+        }));
+        if n == 60 {
+            cluster.nodes[2].kill9();
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 180, "{} of 200 acknowledged", acked.len());
+    cluster.nodes[2].restart();
+    settled_with(&urls[2], 3, 3).await;
+    for (hash, body) in &acked {
+        for url in &urls {
+            let (status, got) = nxcache_tests::get(&client, url, hash).await;
+            assert_eq!(status, 200, "{hash} through {url}");
+            assert!(got == *body, "{hash} through {url}: other bytes");
+        }
+    }
+}

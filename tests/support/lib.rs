@@ -1,0 +1,503 @@
+//! Helpers shared by the workspace's end-to-end tests: nodes started in process or as
+//! real `nxcache` processes, and small HTTP utilities.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nxcache_config::{FileConfig, ServeArgs, ServeConfig};
+
+pub mod nx;
+
+pub const RW_TOKEN: &str = "test-rw-token";
+pub const RO_TOKEN: &str = "test-ro-token";
+
+/// Base configuration of a test node: loopback, random port, fsync off (speed), the two
+/// test tokens, the given data dir.
+pub fn test_config(data_dir: &Path) -> ServeConfig {
+    let args = ServeArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        grpc_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(data_dir.to_path_buf()),
+        fsync: Some(nxcache_config::OnOff::Off),
+        read_write_tokens: Some(vec![nxcache_config::Secret::new(RW_TOKEN)]),
+        read_only_tokens: Some(vec![nxcache_config::Secret::new(RO_TOKEN)]),
+        admin_tokens: Some(vec![nxcache_config::Secret::new(ADMIN_TOKEN)]),
+        ..ServeArgs::default()
+    };
+    ServeConfig::merge(args, FileConfig::default()).unwrap()
+}
+
+/// Waits until `check` is true, polling; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of an unlabelled or exactly-labelled sample in a Prometheus text page.
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+pub async fn metrics_page(base_url: &str) -> String {
+    reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0u8; len];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+/// The workspace root (where Cargo.toml and target/ are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of the `nxcache` binary, built (once per test process) if it is missing or stale.
+pub fn nxcache_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(explicit) = std::env::var("NXCACHE_BIN") {
+            return PathBuf::from(explicit);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "-p", "nxcache", "--bin", "nxcache"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building the nxcache binary failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join("target"));
+        target.join("debug").join("nxcache")
+    })
+}
+
+/// A real `nxcache serve` process. Killed on drop.
+pub struct NodeProcess {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub stdout: PathBuf,
+    /// Everything the process wrote on stderr (its log), across restarts.
+    pub log: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl NodeProcess {
+    /// Starts `nxcache serve` with `args` (plus JSON logs and the data dir) and waits for
+    /// it to report the URL it serves on.
+    pub fn start(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut node = NodeProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            url: String::new(),
+            stdout: data_dir.with_extension("stdout"),
+            log: data_dir.with_extension("log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let stdout = std::fs::File::create(&self.stdout).unwrap();
+        let mut cmd = Command::new(nxcache_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--log-format", "json"])
+            .args(&self.args)
+            .args(
+                // Parallel tests must not fight over the default peer port.
+                if self.args.iter().any(|a| a == "--grpc-listen") {
+                    &[][..]
+                } else {
+                    &["--grpc-listen", "127.0.0.1:0"][..]
+                },
+            )
+            .env_remove("RUST_LOG")
+            .stdout(stdout)
+            .stderr(Stdio::piped());
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn nxcache");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // Forward the log to the test's output (and its file) and pick out the serving URL.
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[node] {line}");
+                let _ = writeln!(log, "{line}");
+                if !sent
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "nxcache is serving"
+                {
+                    let _ = tx.send(v["url"].as_str().unwrap_or_default().to_owned());
+                    sent = true;
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("nxcache did not report that it is serving");
+        self.url = url;
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().unwrap()
+    }
+
+    /// Starts the process again with the same arguments and data dir.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub const CLUSTER_SECRET: &str = "process-test-cluster-secret";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the process to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three (or more) `nxcache serve` processes forming one cluster: node 1 bootstraps,
+/// the others join through it. Fixed ports, so a killed node restarts where it was.
+pub struct ProcessCluster {
+    pub nodes: Vec<NodeProcess>,
+    pub grpc_ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcessCluster {
+    pub fn start(size: usize) -> Self {
+        Self::start_inner(size, &[], &[])
+    }
+
+    /// Like [`ProcessCluster::start`], every node also given `extra` arguments and `env`.
+    pub fn start_with_env(size: usize, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_inner(size, extra, env)
+    }
+
+    fn start_inner(size: usize, extra: &[&str], extra_env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let grpc_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let seed = format!("127.0.0.1:{}", grpc_ports[0]);
+        let mut nodes = Vec::new();
+        for (i, grpc) in grpc_ports.iter().enumerate() {
+            let id = (i + 1).to_string();
+            let http = format!("127.0.0.1:{}", free_port());
+            let grpc_addr = format!("127.0.0.1:{grpc}");
+            let mut args = vec![
+                "--node-id".to_string(),
+                id,
+                "--listen".into(),
+                http,
+                "--grpc-listen".into(),
+                grpc_addr.clone(),
+                "--advertise".into(),
+                grpc_addr,
+            ];
+            if i == 0 {
+                args.push("--bootstrap".into());
+            } else {
+                args.extend(["--join".into(), seed.clone()]);
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            let mut env = vec![
+                ("NXCACHE_CLUSTER_SECRET", CLUSTER_SECRET),
+                ("NXCACHE_READ_WRITE_TOKENS", RW_TOKEN),
+                ("NXCACHE_READ_ONLY_TOKENS", RO_TOKEN),
+                ("NXCACHE_ADMIN_TOKENS", ADMIN_TOKEN),
+            ];
+            env.extend_from_slice(extra_env);
+            nodes.push(NodeProcess::start(
+                &dir.path().join(format!("node-{}", i + 1)),
+                &args,
+                &env,
+            ));
+        }
+        ProcessCluster {
+            nodes,
+            grpc_ports,
+            _dir: dir,
+        }
+    }
+}
+
+/// Runs `nxcache admin --server URL --token ADMIN_TOKEN ARGS...`; returns (success, stdout+stderr).
+pub fn admin(server: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(nxcache_bin())
+        .arg("admin")
+        .args(["--server", server, "--token", ADMIN_TOKEN])
+        .args(args)
+        .output()
+        .expect("run nxcache admin");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `nxcache admin status --json` of one node, parsed; None while it does not answer.
+pub fn admin_status(server: &str) -> Option<serde_json::Value> {
+    let (ok, text) = admin(server, &["status", "--json"]);
+    if !ok {
+        return None;
+    }
+    serde_json::from_str(text.trim()).ok()
+}
+
+impl ProcessCluster {
+    /// Like [`ProcessCluster::start`], every node also given `extra` arguments.
+    pub fn start_with(size: usize, extra: &[&str]) -> Self {
+        Self::start_inner(size, extra, &[])
+    }
+}
+
+/// Nodes of one cluster in this test process, on fixed loopback ports (so a stopped node
+/// restarts where it was). Node 0 bootstraps; the others join through it.
+pub struct InProcessCluster {
+    pub nodes: Vec<Option<nxcache::RunningNode>>,
+    configs: Vec<ServeConfig>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcessCluster {
+    /// `size` nodes, each given `extra` flags (e.g. `--on-degraded strict`). With
+    /// `NXCACHE_TEST_LOG` set (a filter such as `debug`), the nodes log to stderr.
+    pub async fn start(size: usize, extra: &[&str]) -> Self {
+        if let Ok(filter) = std::env::var("NXCACHE_TEST_LOG") {
+            let _ = nxcache_telemetry::init_logging(nxcache_telemetry::LogFormat::Text, &filter);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let seed_port = free_port();
+        let mut cluster = InProcessCluster {
+            nodes: Vec::new(),
+            configs: Vec::new(),
+            _dir: dir,
+        };
+        for i in 0..size {
+            let grpc = if i == 0 { seed_port } else { free_port() };
+            let config = cluster.config_for(i, grpc, seed_port, extra);
+            cluster.configs.push(config.clone());
+            cluster
+                .nodes
+                .push(Some(nxcache::start(config).await.unwrap()));
+        }
+        cluster.wait_members(size).await;
+        cluster
+    }
+
+    fn config_for(&self, i: usize, grpc: u16, seed: u16, extra: &[&str]) -> ServeConfig {
+        use clap::Parser;
+        let data = self._dir.path().join(format!("node-{i}"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let grpc_addr = format!("127.0.0.1:{grpc}");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--node-id".into(),
+            i.to_string(),
+            "--listen".into(),
+            listen,
+            "--grpc-listen".into(),
+            grpc_addr.clone(),
+            "--advertise".into(),
+            grpc_addr,
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--fsync".into(),
+            "off".into(),
+            "--read-write-tokens".into(),
+            RW_TOKEN.into(),
+            "--read-only-tokens".into(),
+            RO_TOKEN.into(),
+            "--admin-tokens".into(),
+            ADMIN_TOKEN.into(),
+            "--cluster-secret".into(),
+            CLUSTER_SECRET.into(),
+            "--anti-entropy-interval".into(),
+            "2s".into(),
+        ];
+        if i == 0 {
+            args.push("--bootstrap".into());
+        } else {
+            args.extend(["--join".into(), format!("127.0.0.1:{seed}")]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: Cmd,
+        }
+        #[derive(clap::Subcommand)]
+        enum Cmd {
+            Serve(Box<ServeArgs>),
+        }
+        let Cmd::Serve(serve) =
+            Cli::try_parse_from(std::iter::once("nxcache".to_string()).chain(args))
+                .unwrap()
+                .cmd;
+        ServeConfig::merge(*serve, FileConfig::default()).unwrap()
+    }
+
+    /// Adds a node that joins through node 0.
+    pub async fn add_node(&mut self, extra: &[&str]) -> usize {
+        let i = self.nodes.len();
+        let seed = self.configs[0]
+            .cluster
+            .advertise
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        let config = self.config_for(i, free_port(), seed, extra);
+        self.configs.push(config.clone());
+        self.nodes.push(Some(nxcache::start(config).await.unwrap()));
+        self.wait_members(self.nodes.len()).await;
+        i
+    }
+
+    pub fn node(&self, i: usize) -> &nxcache::RunningNode {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        self.node(i).base_url()
+    }
+
+    /// Stops a node (in-flight requests finish; nothing more is answered).
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.shutdown().await.unwrap();
+        }
+    }
+
+    /// Starts a stopped node again, same id, ports and data.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        let mut config = self.configs[i].clone();
+        config.cluster.bootstrap = i == 0;
+        self.nodes[i] = Some(nxcache::start(config).await.unwrap());
+    }
+
+    /// Waits until every running node sees `n` members and the same ring epoch.
+    pub async fn wait_members(&self, n: usize) {
+        wait_until(Duration::from_secs(60), "membership settled", || async {
+            let views: Vec<_> = self
+                .nodes
+                .iter()
+                .flatten()
+                .map(|node| node.data().view())
+                .collect();
+            views
+                .iter()
+                .all(|v| v.addrs.len() == n && v.epoch() == views[0].epoch())
+        })
+        .await;
+    }
+}
+
+/// PUT `body` under `hash` at `base`; returns the status.
+pub async fn put(client: &reqwest::Client, base: &str, hash: &str, body: Vec<u8>) -> u16 {
+    client
+        .put(format!("{base}/v1/cache/{hash}"))
+        .bearer_auth(RW_TOKEN)
+        // A test fails rather than hangs when a node never answers.
+        .timeout(Duration::from_secs(120))
+        .body(body)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// GET `hash` at `base`: the status and the body.
+pub async fn get(client: &reqwest::Client, base: &str, hash: &str) -> (u16, Vec<u8>) {
+    match client
+        .get(format!("{base}/v1/cache/{hash}"))
+        .bearer_auth(RW_TOKEN)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (
+                status,
+                r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+            )
+        }
+        Err(_) => (0, Vec::new()),
+    }
+}

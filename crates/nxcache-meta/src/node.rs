@@ -208,12 +208,18 @@ impl MetaNode {
     ) -> Result<MetaNode, MetaError> {
         let storage = |e: &dyn std::fmt::Display| MetaError::Storage(e.to_string());
         let metrics = MetaMetrics::register(registry).map_err(|e| storage(&e))?;
-        let db = sled::Config::new()
-            .path(config.data_dir.join("meta"))
+        let meta_dir = config.data_dir.join("meta");
+        // Off the runtime: the open may wait for a lock a restarted node is letting go of.
+        let db = tokio::task::spawn_blocking(move || {
             // Metadata is small; sled's default 1 GiB cache would only cost memory.
-            .cache_capacity(8 * 1024 * 1024)
-            .open()
-            .map_err(|e| storage(&e))?;
+            nxcache_sled::open(
+                sled::Config::new().cache_capacity(8 * 1024 * 1024),
+                &meta_dir,
+            )
+        })
+        .await
+        .map_err(|e| storage(&e))?
+        .map_err(|e| storage(&e))?;
         let log_store = SledLogStore::open(&db).map_err(|e| storage(&e))?;
         let has_state = log_store.has_state().map_err(|e| storage(&e))?;
         let tokens = Arc::new(RwLock::new(TokenSet::new()));

@@ -43,14 +43,15 @@ fn decode(row: &[u8], value: &[u8]) -> Option<Hint> {
 
 impl HintLog {
     /// Opens (or creates) the hint log in its own sled database at `dir`.
-    pub fn open(dir: &std::path::Path) -> Result<Self, sled::Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(2 * 1024 * 1024)
-            .open()?;
-        Ok(HintLog {
-            tree: db.open_tree("hints")?,
-        })
+    pub fn open(dir: &std::path::Path) -> Result<Self, nxcache_sled::OpenError> {
+        let db = nxcache_sled::open(sled::Config::new().cache_capacity(2 * 1024 * 1024), dir)?;
+        let tree = db
+            .open_tree("hints")
+            .map_err(|source| nxcache_sled::OpenError::Sled {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(HintLog { tree })
     }
 
     /// An in-memory log (tests, and a node without a data dir).

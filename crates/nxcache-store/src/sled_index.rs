@@ -18,19 +18,9 @@ impl SledIndex {
     /// Opens (or creates) the index. sled takes an exclusive lock on the directory, so a
     /// second process pointed at the same data dir fails here instead of corrupting it.
     pub fn open(dir: &Path) -> Result<Self, IndexError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|err| match err {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    IndexError::Backend(format!(
-                        "{} is locked by another process: is another nxcache using this data dir?",
-                        dir.display()
-                    ))
-                }
-                other => backend(other),
-            })?;
+        let config = sled::Config::new().mode(sled::Mode::HighThroughput);
+        let db =
+            nxcache_sled::open(config, dir).map_err(|err| IndexError::Backend(err.to_string()))?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let lru = db.open_tree("lru").map_err(backend)?;
         Ok(SledIndex { db, blobs, lru })

@@ -65,17 +65,30 @@ impl HintLog {
     /// Records (or widens) a hint; flushed before returning, so an acknowledged write's
     /// hint survives a crash.
     pub fn add(&self, owner: NodeId, key: &BlobKey, holders: &[NodeId]) -> Result<(), sled::Error> {
-        let row = row(owner, key);
-        let mut all: Vec<NodeId> = match self.tree.get(&row)? {
-            Some(v) => decode(&row, &v).map(|h| h.holders).unwrap_or_default(),
-            None => Vec::new(),
-        };
-        for h in holders {
-            if !all.contains(h) {
-                all.push(*h);
+        self.add_for_all(&[owner], key, holders)
+    }
+
+    /// Records one hint per owner in `owners`, with one flush for all of them. Blocks on
+    /// the disk: async callers run it on the blocking pool.
+    pub fn add_for_all(
+        &self,
+        owners: &[NodeId],
+        key: &BlobKey,
+        holders: &[NodeId],
+    ) -> Result<(), sled::Error> {
+        for owner in owners {
+            let row = row(*owner, key);
+            let mut all: Vec<NodeId> = match self.tree.get(&row)? {
+                Some(v) => decode(&row, &v).map(|h| h.holders).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            for h in holders {
+                if !all.contains(h) {
+                    all.push(*h);
+                }
             }
+            self.tree.insert(row, encode(&all))?;
         }
-        self.tree.insert(row, encode(&all))?;
         self.tree.flush()?;
         Ok(())
     }
@@ -125,5 +138,20 @@ mod tests {
         assert_eq!(hints[1].holders, vec![1, 2]);
         log.remove(&hints[0]).unwrap();
         assert_eq!(log.len(), 1);
+    }
+
+    #[test]
+    fn one_call_records_a_hint_for_every_missing_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = BlobKey::parse("abcd").unwrap();
+        {
+            let log = HintLog::open(dir.path()).unwrap();
+            log.add_for_all(&[4, 9], &key, &[1, 2]).unwrap();
+        }
+        let log = HintLog::open(dir.path()).unwrap();
+        let hints = log.pending(10);
+        let owners: Vec<NodeId> = hints.iter().map(|h| h.owner).collect();
+        assert_eq!(owners, vec![4, 9]);
+        assert!(hints.iter().all(|h| h.holders == vec![1, 2]));
     }
 }

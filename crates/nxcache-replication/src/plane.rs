@@ -868,12 +868,22 @@ impl Upload {
             .copied()
             .filter(|o| !holders.contains(o))
             .collect();
-        for owner in &missing {
-            if let Err(err) = plane.inner.hints.add(*owner, &self.key, &holders) {
-                tracing::error!(%err, "could not record a hint; anti-entropy will repair the key");
-            }
-        }
         if !missing.is_empty() {
+            // The hint is flushed to disk before the write is acknowledged: off the runtime.
+            let (hints, key, holders) =
+                (plane.inner.hints.clone(), self.key.clone(), holders.clone());
+            let recorded =
+                tokio::task::spawn_blocking(move || hints.add_for_all(&missing, &key, &holders))
+                    .await;
+            match recorded {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::error!(%err, "could not record a hint; anti-entropy will repair the key")
+                }
+                Err(err) => {
+                    tracing::error!(%err, "hint recording failed; anti-entropy will repair the key")
+                }
+            }
             metrics.hints.set(plane.inner.hints.len() as i64);
             plane.inner.handoff_wake.notify_one();
         }

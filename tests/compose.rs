@@ -199,6 +199,34 @@ fn key(prefix: &str, i: usize) -> String {
     format!("{prefix}{i:010}")
 }
 
+#[test]
+#[ignore = "needs Docker; run by .ci/run"]
+fn building_without_the_image_script_names_the_script() {
+    // A checkout where deploy/docker/build.sh never ran: only the Dockerfile and the
+    // .dockerignore, as `docker compose build` would send them.
+    let root = workspace_root();
+    let context = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(context.path().join("deploy/docker")).unwrap();
+    for file in ["deploy/docker/Dockerfile", ".dockerignore"] {
+        std::fs::copy(root.join(file), context.path().join(file)).unwrap();
+    }
+    let out = Command::new("docker")
+        .args(["build", "--tag"])
+        .arg(format!("nxcache-unbuilt-{}", std::process::id()))
+        .arg("--file")
+        .arg(context.path().join("deploy/docker/Dockerfile"))
+        .arg(context.path())
+        .output()
+        .expect("run docker");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("made-by-deploy-docker-build.sh"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Docker, the nxcache image and node; run by .ci/run"]
 async fn nx_writes_through_node_0_and_restores_through_node_2_while_a_node_is_killed() {

@@ -35,6 +35,10 @@ echo 'nxcache:x:10001:10001:nxcache:/data:/nonexistent' >"$rootfs/etc/passwd"
 echo 'nxcache:x:10001:' >"$rootfs/etc/group"
 echo 'hosts: files dns' >"$rootfs/etc/nsswitch.conf"
 
+# What the Dockerfile checks first; kept in the image as /etc/nxcache-image.
+printf 'nxcache %s, revision %s\n' "$("$bin" --version | awk '{ print $2 }')" \
+  "$(git rev-parse HEAD 2>/dev/null || echo unknown)" >target/nxcache-image/made-by-deploy-docker-build.sh
+
 docker build --file deploy/docker/Dockerfile --tag "$image" \
   --label "org.opencontainers.image.revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   --label "org.opencontainers.image.version=$("$bin" --version | awk '{ print $2 }')" \

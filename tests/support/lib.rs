@@ -218,14 +218,8 @@ impl Drop for NodeProcess {
 pub const CLUSTER_SECRET: &str = "process-test-cluster-secret";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the process to take).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A free TCP port on 127.0.0.1 for a node to bind later (see `nxcache_testkit`).
+pub use nxcache_testkit::free_port;
 
 /// Three (or more) `nxcache serve` processes forming one cluster: node 1 bootstraps,
 /// the others join through it. Fixed ports, so a killed node restarts where it was.

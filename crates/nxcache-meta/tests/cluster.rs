@@ -35,8 +35,7 @@ impl Member {
     /// A stopped member with a reserved port (the node binds it again, and again after a
     /// restart).
     fn new(id: NodeId, root: &std::path::Path, tls: Option<PeerTls>) -> Member {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap().to_string();
+        let addr = format!("127.0.0.1:{}", nxcache_testkit::free_port());
         Member {
             id,
             dir: root.join(format!("node-{id}")),
@@ -653,9 +652,7 @@ async fn a_node_stops_promptly_while_its_join_cannot_be_committed() {
     // Leader 1 alone: no membership change can commit, so a join waits forever.
     cluster.stop(2).await;
     cluster.stop(3).await;
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = probe.local_addr().unwrap().to_string();
-    drop(probe);
+    let addr = format!("127.0.0.1:{}", nxcache_testkit::free_port());
     let mut joiner = Member {
         id: 4,
         dir: cluster._tmp.path().join("node-4"),

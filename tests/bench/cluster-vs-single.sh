@@ -31,7 +31,7 @@ start_node() { # $1 name, then extra flags; prints the base URL
   local port; port=$(free_port)
   "$bin" serve --listen "127.0.0.1:$port" --data-dir "$work/$name" --fsync off \
     --max-disk-usage 200GiB --log-level warn "$@" >/dev/null 2>&1 &
-  pids+=($!)
+  track_pid $!
   wait_http "http://127.0.0.1:$port/healthz"
   echo "http://127.0.0.1:$port"
 }

@@ -1,6 +1,6 @@
 # Shared by the benchmark scripts: sourced after `set -euo pipefail`, with $root set.
 # Builds the release binary and sets up: $bin, $work (removed on exit), $out (the JSON
-# lines file, named after $1), pids+=() for processes to stop on exit.
+# lines file, named after $1), track_pid PID for processes to stop on exit.
 bench_setup() { # $1 = results file prefix
   command -v python3 >/dev/null || { echo "python3 is needed to compute ratios" >&2; exit 2; }
   (cd "$root" && cargo build --release -q -p nxcache)
@@ -8,12 +8,20 @@ bench_setup() { # $1 = results file prefix
   work=$(mktemp -d /var/tmp/nxcache-bench.XXXXXX)
   mkdir -p "$root/bench-results"
   out="$root/bench-results/$1-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
-  pids=()
   trap bench_cleanup EXIT
 }
 
+# Servers are often started inside $(...), a subshell whose variables die with it: their
+# pids go to a file, so the cleanup sees every one.
+track_pid() { echo "$1" >>"$work/pids"; }
+
 bench_cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -f "$work/pids" ]; then
+    while read -r p; do kill "$p" 2>/dev/null || true; done <"$work/pids"
+    while read -r p; do
+      for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done <"$work/pids"
+  fi
   wait 2>/dev/null || true
   rm -rf "$work"
 }

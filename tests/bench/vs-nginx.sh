@@ -59,7 +59,7 @@ http {
 }
 CONF
 nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" &
-pids+=($!)
+track_pid $!
 wait_http "http://127.0.0.1:$nginx_port/healthz"
 
 start_nxcache() { # $1 = fsync on|off ; prints the base URL
@@ -67,7 +67,7 @@ start_nxcache() { # $1 = fsync on|off ; prints the base URL
   NXCACHE_READ_WRITE_TOKENS=bench "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$(free_port)" \
     --data-dir "$work/nxcache-$1-$RANDOM" --fsync "$1" --max-disk-usage 200GiB \
     --log-level warn >/dev/null 2>&1 &
-  pids+=($!)
+  track_pid $!
   wait_http "http://127.0.0.1:$port/readyz"
   echo "http://127.0.0.1:$port"
 }
@@ -108,7 +108,7 @@ if ((rss)); then
   NXCACHE_READ_WRITE_TOKENS=bench "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$(free_port)" \
     --data-dir "$work/rss" --fsync off --max-disk-usage 4GiB --log-level warn >/dev/null 2>&1 &
   rss_pid=$!
-  pids+=($rss_pid)
+  track_pid "$rss_pid"
   wait_http "http://127.0.0.1:$port/readyz"
   head -c 1073741824 /dev/urandom > "$work/big.bin"
   base=$(awk '/VmHWM/ {print $2}' "/proc/$rss_pid/status")

@@ -3,6 +3,10 @@
 # for FUZZ_SECONDS (default 30) on its corpus under corpus/. A crash leaves its input
 # in artifacts/<target>/ and fails the run. Prints executions per target.
 #
+# New inputs go to a scratch directory, so a run (CI's included) leaves the committed
+# corpus as it was; FUZZ_GROW_CORPUS=1 adds them to corpus/ instead (then minimize with
+# `cargo fuzz cmin` before committing).
+#
 # The toolchain here is stable; cargo fuzz needs nightly-only flags, which
 # RUSTC_BOOTSTRAP=1 allows for this build only.
 set -euo pipefail
@@ -18,7 +22,10 @@ status=0
 for target in "${targets[@]}"; do
   log=$(mktemp)
   mkdir -p "corpus/$target"
-  if cargo fuzz run --fuzz-dir . "$target" "corpus/$target" -- \
+  dirs=("corpus/$target")
+  if [ "${FUZZ_GROW_CORPUS:-0}" != 1 ]; then dirs=("$(mktemp -d)" "corpus/$target"); fi
+  # libFuzzer reads every directory given and writes what it finds to the first.
+  if cargo fuzz run --fuzz-dir . "$target" "${dirs[@]}" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     result=ok
   else
@@ -29,5 +36,6 @@ for target in "${targets[@]}"; do
   execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo 0)
   echo "fuzz $target: $execs executions in ${seconds}s: $result"
   rm -f "$log"
+  if [ "${#dirs[@]}" = 2 ]; then rm -rf "${dirs[0]}"; fi
 done
 exit $status

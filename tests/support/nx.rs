@@ -4,28 +4,45 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use crate::workspace_root;
 
 pub const PROJECTS: [&str; 3] = ["alpha", "beta", "gamma"];
 
 /// Unpacks the bundled Nx once per checkout (under target/) and returns its node_modules.
+///
+/// The tests that call this run in parallel, and `install.sh` only checks for the `nx`
+/// binary, which exists long before the rest of the tree is unpacked: a second caller
+/// could run a half-written client ("Permission denied"). So one install at a time,
+/// into a staging directory that is renamed into place once complete.
 pub fn nx_node_modules(version: &str) -> PathBuf {
-    let client_dir = std::env::var("NXCACHE_NX_CLIENT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("../shared/nx-client"));
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _installing = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dest = workspace_root().join("target/nx-client").join(version);
-    let out = Command::new("bash")
-        .arg(client_dir.join("install.sh"))
-        .arg(version)
-        .arg(&dest)
-        .output()
-        .expect("run the Nx client's install.sh");
-    assert!(
-        out.status.success(),
-        "installing Nx {version} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let complete = dest.join(".complete");
+    if !complete.exists() {
+        let client_dir = std::env::var("NXCACHE_NX_CLIENT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join("../shared/nx-client"));
+        let staging = dest.with_extension(format!("partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        let out = Command::new("bash")
+            .arg(client_dir.join("install.sh"))
+            .arg(version)
+            .arg(&staging)
+            .output()
+            .expect("run the Nx client's install.sh");
+        assert!(
+            out.status.success(),
+            "installing Nx {version} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(staging.join(".complete"), version).unwrap();
+        // What is left at `dest` is a tree an older run left unfinished.
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&staging, &dest).expect("move the unpacked Nx client into place");
+    }
     dest.join("node_modules")
 }
 

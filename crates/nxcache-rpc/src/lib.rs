@@ -62,6 +62,14 @@ impl PeerTls {
     }
 }
 
+/// How often an idle or busy connection to a peer is pinged (HTTP/2 PING), and how long
+/// the answer may take. A connection whose packets vanish (a partitioned or re-addressed
+/// peer) is otherwise only noticed when TCP gives up, many minutes later: every call on
+/// it would time out meanwhile. With these, it is dropped within about 10 s and the next
+/// call connects afresh, resolving the peer's name again.
+pub const KEEPALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A gRPC channel to a peer's `grpc_addr` (host:port), connected on first use; over
 /// mutual TLS when `tls` is set.
 pub fn channel(
@@ -71,6 +79,9 @@ pub fn channel(
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{grpc_addr}"))?
         .connect_timeout(std::time::Duration::from_secs(2))
+        .http2_keep_alive_interval(KEEPALIVE_EVERY)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls.clone())?;

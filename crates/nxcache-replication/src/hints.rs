@@ -62,14 +62,9 @@ impl HintLog {
         })
     }
 
-    /// Records (or widens) a hint; flushed before returning, so an acknowledged write's
-    /// hint survives a crash.
-    pub fn add(&self, owner: NodeId, key: &BlobKey, holders: &[NodeId]) -> Result<(), sled::Error> {
-        self.add_for_all(&[owner], key, holders)
-    }
-
-    /// Records one hint per owner in `owners`, with one flush for all of them. Blocks on
-    /// the disk: async callers run it on the blocking pool.
+    /// Records (or widens) one hint per owner in `owners`, flushed once for all of them
+    /// before returning, so an acknowledged write's hints survive a crash. Blocks on the
+    /// disk: async callers run it on the blocking pool.
     pub fn add_for_all(
         &self,
         owners: &[NodeId],
@@ -127,9 +122,9 @@ mod tests {
         let key = BlobKey::parse("1234").unwrap();
         {
             let log = HintLog::open(dir.path()).unwrap();
-            log.add(7, &key, &[1]).unwrap();
-            log.add(7, &key, &[2, 1]).unwrap();
-            log.add(3, &key, &[1]).unwrap();
+            log.add_for_all(&[7], &key, &[1]).unwrap();
+            log.add_for_all(&[7], &key, &[2, 1]).unwrap();
+            log.add_for_all(&[3], &key, &[1]).unwrap();
         }
         let log = HintLog::open(dir.path()).unwrap();
         let hints = log.pending(10);

@@ -25,7 +25,7 @@ pub fn nx_node_modules(version: &str) -> PathBuf {
         let client_dir = std::env::var("NXCACHE_NX_CLIENT_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| workspace_root().join("../shared/nx-client"));
-        let staging = dest.with_extension(format!("partial-{}", std::process::id()));
+        let staging = dest.with_file_name(format!(".{version}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         let out = Command::new("bash")
             .arg(client_dir.join("install.sh"))

@@ -5,8 +5,11 @@
 // helpers here return it as the traits do.
 #![allow(clippy::result_large_err)]
 
+mod bootstrap;
 mod durable;
+mod leader;
 mod log_store;
+mod membership;
 mod metrics;
 mod network;
 mod node;

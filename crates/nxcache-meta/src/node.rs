@@ -8,15 +8,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use nxcache_auth::{Authenticator, Digest, Principal, Scope, TokenSet};
+use nxcache_rpc::pb::PingRequest;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use nxcache_rpc::pb::membership_server::MembershipServer;
 use nxcache_rpc::pb::raft_server::RaftServer;
-use nxcache_rpc::pb::{JoinRequest, NodeInfo, PingRequest, RemoveRequest, WriteRequest};
 use nxcache_rpc::{
     ClusterSecret, GrpcClientMetrics, GrpcServerLayer, GrpcServerMetrics, PeerTls, ServerSecret,
 };
-use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
-use openraft::{ChangeMembers, SnapshotPolicy};
+use openraft::SnapshotPolicy;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
@@ -26,16 +25,7 @@ use crate::metrics::MetaMetrics;
 use crate::network::{Faults, GrpcNetworkFactory, channel};
 use crate::service::{MembershipService, RaftService};
 use crate::state_machine::{AppliedState, SharedState, SledStateMachine};
-use crate::types::{
-    ClusterSettings, MemberNode, MemberState, MetaCommand, MetaResponse, NodeId, Raft, TokenRecord,
-};
-
-/// How long a bootstrapping node with seeds waits for them to say whether a cluster
-/// exists already.
-const BOOTSTRAP_GRACE: Duration = Duration::from_secs(10);
-
-/// How long a metadata write may wait to be committed before its caller gets an answer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::types::{ClusterSettings, MemberNode, MemberState, NodeId, Raft, TokenRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -143,25 +133,25 @@ pub struct ClusterStatus {
 /// A running metadata node. Cheap to clone.
 #[derive(Clone)]
 pub struct MetaNode {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    id: NodeId,
-    raft: Raft,
-    shared: SharedState,
-    tokens: Arc<RwLock<TokenSet>>,
-    secret: ClusterSecret,
-    client_tls: Option<tonic::transport::ClientTlsConfig>,
-    faults: Faults,
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    pub(crate) shared: SharedState,
+    pub(crate) tokens: Arc<RwLock<TokenSet>>,
+    pub(crate) secret: ClusterSecret,
+    pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
+    pub(crate) faults: Faults,
     /// Counts this node's calls to its peers (Raft here; the data plane shares it).
-    grpc_clients: GrpcClientMetrics,
-    stop: watch::Sender<bool>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) grpc_clients: GrpcClientMetrics,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Membership changes are decided one at a time (count voters, then act).
-    membership_lock: tokio::sync::Mutex<()>,
+    pub(crate) membership_lock: tokio::sync::Mutex<()>,
     /// The environment's tokens are in the applied table (or there were none).
-    seeded: AtomicBool,
+    pub(crate) seeded: AtomicBool,
 }
 
 /// Answers token checks from the locally applied token table.
@@ -287,25 +277,8 @@ impl MetaNode {
         )?;
         node.spawn_metrics(metrics);
         if !has_state {
-            let found = if config.bootstrap && !config.join.is_empty() {
-                node.seeds_in_a_cluster(&config.join, BOOTSTRAP_GRACE).await
-            } else {
-                false
-            };
-            if config.bootstrap && !found {
-                let members = BTreeMap::from([(config.node_id, config.advertise.clone())]);
-                raft.initialize(members)
-                    .await
-                    .map_err(|e| MetaError::Raft(e.to_string()))?;
-                tracing::info!(node_id = config.node_id, "bootstrapped a new cluster");
-            } else if !config.join.is_empty() {
-                if found {
-                    tracing::info!(
-                        "a seed is already in a cluster: joining it instead of bootstrapping"
-                    );
-                }
-                node.spawn_join(config.join.clone(), config.advertise.clone());
-            }
+            node.bootstrap_or_join(config.bootstrap, &config.join, &config.advertise)
+                .await?;
         }
         if !config.seed_tokens.is_empty() {
             node.spawn_seed(config.seed_tokens);
@@ -313,7 +286,7 @@ impl MetaNode {
         Ok(node)
     }
 
-    fn spawn(&self, task: JoinHandle<()>) {
+    pub(crate) fn spawn(&self, task: JoinHandle<()>) {
         self.inner
             .tasks
             .lock()
@@ -321,7 +294,7 @@ impl MetaNode {
             .push(task);
     }
 
-    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+    pub(crate) fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.inner.stop.subscribe();
         async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -411,128 +384,6 @@ impl MetaNode {
         }));
     }
 
-    /// Whether any seed (other than this node) belongs to a cluster. Waits until every
-    /// seed has answered that it does not, or `grace` has passed (seeds that never answer
-    /// cannot hold a cluster this node could join now).
-    async fn seeds_in_a_cluster(&self, seeds: &[String], grace: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + grace;
-        loop {
-            let asks = seeds.iter().map(|seed| async move {
-                let ch = channel(seed, self.inner.client_tls.as_ref()).ok()?;
-                let mut client =
-                    MembershipClient::with_interceptor(ch, self.inner.secret.client_interceptor());
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(1), client.ping(PingRequest {}))
-                        .await
-                        .ok()?
-                        .ok()?
-                        .into_inner();
-                Some(answer)
-            });
-            let answers = futures_util::future::join_all(asks).await;
-            let others: Vec<_> = answers
-                .iter()
-                .map(|a| a.as_ref().filter(|a| a.node_id != self.inner.id))
-                .collect();
-            if others.iter().flatten().any(|a| a.members > 0) {
-                return true;
-            }
-            // Answered by every seed (itself included) and none in a cluster.
-            if answers.iter().all(Option::is_some) {
-                return false;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    unanswered = answers.iter().filter(|a| a.is_none()).count(),
-                    "not every seed answered within {grace:?}; none that did is in a cluster, bootstrapping"
-                );
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    /// Members in this node's membership; 0 before it belongs to a cluster.
-    pub fn member_count(&self) -> usize {
-        let m = self.inner.raft.metrics().borrow().membership_config.clone();
-        m.membership().nodes().count()
-    }
-
-    /// Asks the seeds for admission until one accepts.
-    fn spawn_join(&self, seeds: Vec<String>, me: MemberNode) {
-        let (id, secret) = (self.inner.id, self.inner.secret.clone());
-        let tls = self.inner.client_tls.clone();
-        let stopped = self.stopped();
-        self.spawn(tokio::spawn(async move {
-            tokio::pin!(stopped);
-            let request = JoinRequest {
-                node: Some(NodeInfo {
-                    id,
-                    grpc_addr: me.grpc_addr,
-                    http_addr: me.http_addr,
-                    zone: me.zone,
-                }),
-            };
-            loop {
-                for seed in &seeds {
-                    let Ok(ch) = channel(seed, tls.as_ref()) else { continue };
-                    let mut client = MembershipClient::with_interceptor(ch, secret.client_interceptor());
-                    // A join waits for the leader to commit; a node told to stop
-                    // does not wait for that (the leader may have lost its quorum).
-                    let answer = tokio::select! {
-                        _ = &mut stopped => return,
-                        answer = client.join(request.clone()) => answer,
-                    };
-                    match answer {
-                        Ok(answer) => {
-                            tracing::info!(node_id = id, via = %seed, leader = answer.get_ref().leader_id, "joined the cluster");
-                            return;
-                        }
-                        Err(status) => tracing::info!(via = %seed, %status, "join not accepted yet; will retry"),
-                    }
-                }
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-        }));
-    }
-
-    /// Adds the environment's tokens once a leader can take the write.
-    fn spawn_seed(&self, tokens: BTreeMap<String, TokenRecord>) {
-        let node = self.clone();
-        let stopped = self.stopped();
-        self.spawn(tokio::spawn(async move {
-            tokio::pin!(stopped);
-            let command = MetaCommand::SeedTokens { tokens };
-            loop {
-                let written = tokio::select! {
-                    _ = &mut stopped => return,
-                    written = node.write(command.clone()) => written,
-                };
-                match written {
-                    Ok(MetaResponse::Seeded { added }) => {
-                        if added > 0 {
-                            tracing::info!(added, "seeded tokens from the environment");
-                        }
-                        node.inner.seeded.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                    Ok(other) => {
-                        tracing::warn!(?other, "unexpected answer to token seeding");
-                        return;
-                    }
-                    Err(err) => tracing::debug!(%err, "token seeding waits for a leader"),
-                }
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                }
-            }
-        }));
-    }
-
     pub fn id(&self) -> NodeId {
         self.inner.id
     }
@@ -617,218 +468,6 @@ impl MetaNode {
         futures_util::future::join_all(pings)
             .await
             .into_iter()
-            .collect()
-    }
-
-    pub fn leader(&self) -> Option<NodeId> {
-        self.inner.raft.metrics().borrow().current_leader
-    }
-
-    fn leader_addr(&self, leader: NodeId) -> Option<String> {
-        let m = self.inner.raft.metrics().borrow().membership_config.clone();
-        m.membership()
-            .nodes()
-            .find(|(id, _)| **id == leader)
-            .map(|(_, n)| n.grpc_addr.clone())
-    }
-
-    fn membership_client(
-        &self,
-        leader: NodeId,
-    ) -> Result<
-        MembershipClient<
-            tonic::service::interceptor::InterceptedService<
-                tonic::transport::Channel,
-                nxcache_rpc::ClientSecret,
-            >,
-        >,
-        MetaError,
-    > {
-        if self.inner.faults.is_cut(leader) {
-            return Err(MetaError::Unreachable("link cut (fault injection)".into()));
-        }
-        let addr = self.leader_addr(leader).ok_or(MetaError::NoLeader)?;
-        let ch = channel(&addr, self.inner.client_tls.as_ref())
-            .map_err(|e| MetaError::Unreachable(e.to_string()))?;
-        Ok(MembershipClient::with_interceptor(
-            ch,
-            self.inner.secret.client_interceptor(),
-        ))
-    }
-
-    /// Applies a metadata change through the leader (forwarded when this node is not it)
-    /// and returns once it is committed and applied on the leader.
-    pub async fn write(&self, command: MetaCommand) -> Result<MetaResponse, MetaError> {
-        // A leader that lost its quorum keeps the write pending; callers get an answer.
-        let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(command.clone()))
-            .await
-            .map_err(|_| {
-                MetaError::Unreachable(format!(
-                    "the write was not committed within {WRITE_TIMEOUT:?} (no quorum?); it may still apply"
-                ))
-            })?;
-        match written {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                let leader = forward.leader_id.ok_or(MetaError::NoLeader)?;
-                let mut client = self.membership_client(leader)?;
-                let request = WriteRequest {
-                    command: serde_json::to_vec(&command)
-                        .map_err(|e| MetaError::Raft(e.to_string()))?,
-                };
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(10), client.forward_write(request))
-                        .await
-                        .map_err(|_| {
-                            MetaError::Unreachable("the leader did not answer in 10 s".into())
-                        })?
-                        .map_err(|status| MetaError::Unreachable(status.message().to_owned()))?;
-                serde_json::from_slice(&answer.into_inner().result)
-                    .map_err(|e| MetaError::Raft(e.to_string()))
-            }
-            Err(err) => Err(MetaError::Raft(err.to_string())),
-        }
-    }
-
-    /// Admits a node: as a learner (waiting until it caught up), then as a voter while
-    /// there are fewer voters than the `max_voters` setting. Idempotent; forwarded to the
-    /// leader when needed. Returns the leader and the voters.
-    pub async fn join(
-        &self,
-        id: NodeId,
-        node: MemberNode,
-    ) -> Result<(NodeId, Vec<NodeId>), MetaError> {
-        let leader = self.leader().ok_or(MetaError::NoLeader)?;
-        if leader != self.inner.id {
-            let mut client = self.membership_client(leader)?;
-            let answer = client
-                .join(JoinRequest {
-                    node: Some(NodeInfo {
-                        id,
-                        grpc_addr: node.grpc_addr,
-                        http_addr: node.http_addr,
-                        zone: node.zone,
-                    }),
-                })
-                .await
-                .map_err(|status| MetaError::Unreachable(status.message().to_owned()))?
-                .into_inner();
-            return Ok((answer.leader_id, answer.voters));
-        }
-        let _one_at_a_time = self.inner.membership_lock.lock().await;
-        let raft = &self.inner.raft;
-        let known = {
-            let m = raft.metrics().borrow().membership_config.clone();
-            m.membership()
-                .nodes()
-                .any(|(nid, n)| *nid == id && *n == node)
-        };
-        if !known {
-            self.change_membership(ChangeMembers::AddNodes(BTreeMap::from([(id, node)])))
-                .await?;
-            // Caught up before it may vote: a lagging voter would slow every commit.
-            let target = raft.metrics().borrow().last_log_index;
-            raft.wait(Some(Duration::from_secs(30)))
-                .metrics(
-                    |m| {
-                        m.replication
-                            .as_ref()
-                            .and_then(|r| r.get(&id).copied().flatten())
-                            .map(|l| l.index)
-                            >= target
-                    },
-                    "the new member catches up",
-                )
-                .await
-                .map_err(|e| MetaError::Raft(e.to_string()))?;
-        }
-        let max_voters = self.state().cluster.settings.max_voters as usize;
-        let voters = self.voters();
-        if !voters.contains(&id) && voters.len() < max_voters {
-            self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
-                .await?;
-        }
-        Ok((self.inner.id, self.voters().into_iter().collect()))
-    }
-
-    fn voters(&self) -> BTreeSet<NodeId> {
-        self.inner
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect()
-    }
-
-    /// Removes a member from the cluster for good; forwarded to the leader when needed.
-    pub async fn remove(&self, id: NodeId) -> Result<(), MetaError> {
-        let leader = self.leader().ok_or(MetaError::NoLeader)?;
-        if leader != self.inner.id {
-            let mut client = self.membership_client(leader)?;
-            client
-                .remove(RemoveRequest { id })
-                .await
-                .map_err(|status| match status.code() {
-                    tonic::Code::NotFound => MetaError::NotAMember(id),
-                    _ => MetaError::Unreachable(status.message().to_owned()),
-                })?;
-            return Ok(());
-        }
-        let known = self
-            .inner
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .any(|(n, _)| *n == id);
-        if !known {
-            return Err(MetaError::NotAMember(id));
-        }
-        let _one_at_a_time = self.inner.membership_lock.lock().await;
-        let voters = self.voters();
-        if voters.contains(&id) {
-            self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
-                .await?;
-        }
-        self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
-            .await
-    }
-
-    /// One membership change at a time: waits (bounded) while another is in progress.
-    async fn change_membership(
-        &self,
-        change: ChangeMembers<NodeId, MemberNode>,
-    ) -> Result<(), MetaError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match self
-                .inner
-                .raft
-                .change_membership(change.clone(), false)
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                    ChangeMembershipError::InProgress(_),
-                ))) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(err) => return Err(MetaError::Raft(err.to_string())),
-            }
-        }
-    }
-
-    /// Members and how to reach them, from the current membership (cheap: no copy of
-    /// the applied state).
-    pub fn members(&self) -> Vec<(NodeId, MemberNode)> {
-        let m = self.inner.raft.metrics().borrow().membership_config.clone();
-        m.membership()
-            .nodes()
-            .map(|(id, n)| (*id, n.clone()))
             .collect()
     }
 

@@ -1,0 +1,87 @@
+//! Reaching the Raft leader: metadata writes from any node, forwarded when this node
+//! does not lead.
+
+use std::time::Duration;
+
+use nxcache_rpc::pb::WriteRequest;
+use nxcache_rpc::pb::membership_client::MembershipClient;
+use openraft::error::{ClientWriteError, RaftError};
+
+use crate::network::channel;
+use crate::node::{MetaError, MetaNode};
+use crate::types::{MetaCommand, MetaResponse, NodeId};
+
+/// How long a metadata write may wait to be committed before its caller gets an answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl MetaNode {
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.metrics().borrow().current_leader
+    }
+
+    fn leader_addr(&self, leader: NodeId) -> Option<String> {
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        m.membership()
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.grpc_addr.clone())
+    }
+
+    pub(crate) fn membership_client(
+        &self,
+        leader: NodeId,
+    ) -> Result<
+        MembershipClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                nxcache_rpc::ClientSecret,
+            >,
+        >,
+        MetaError,
+    > {
+        if self.inner.faults.is_cut(leader) {
+            return Err(MetaError::Unreachable("link cut (fault injection)".into()));
+        }
+        let addr = self.leader_addr(leader).ok_or(MetaError::NoLeader)?;
+        let ch = channel(&addr, self.inner.client_tls.as_ref())
+            .map_err(|e| MetaError::Unreachable(e.to_string()))?;
+        Ok(MembershipClient::with_interceptor(
+            ch,
+            self.inner.secret.client_interceptor(),
+        ))
+    }
+
+    /// Applies a metadata change through the leader (forwarded when this node is not it)
+    /// and returns once it is committed and applied on the leader.
+    pub async fn write(&self, command: MetaCommand) -> Result<MetaResponse, MetaError> {
+        // A leader that lost its quorum keeps the write pending; callers get an answer.
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(command.clone()))
+            .await
+            .map_err(|_| {
+                MetaError::Unreachable(format!(
+                    "the write was not committed within {WRITE_TIMEOUT:?} (no quorum?); it may still apply"
+                ))
+            })?;
+        match written {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let leader = forward.leader_id.ok_or(MetaError::NoLeader)?;
+                let mut client = self.membership_client(leader)?;
+                let request = WriteRequest {
+                    command: serde_json::to_vec(&command)
+                        .map_err(|e| MetaError::Raft(e.to_string()))?,
+                };
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(10), client.forward_write(request))
+                        .await
+                        .map_err(|_| {
+                            MetaError::Unreachable("the leader did not answer in 10 s".into())
+                        })?
+                        .map_err(|status| MetaError::Unreachable(status.message().to_owned()))?;
+                serde_json::from_slice(&answer.into_inner().result)
+                    .map_err(|e| MetaError::Raft(e.to_string()))
+            }
+            Err(err) => Err(MetaError::Raft(err.to_string())),
+        }
+    }
+}

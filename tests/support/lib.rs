@@ -543,11 +543,22 @@ impl NodeProcess {
     /// SIGTERM, then waits at most `limit` for the process to exit. `None` when it is
     /// still running then (it is killed when the `NodeProcess` is dropped).
     pub fn terminate_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut().expect("running");
+        self.sigterm();
+        self.wait_exit_within(limit)
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) without waiting.
+    pub fn sigterm(&self) {
+        let child = self.child.as_ref().expect("running");
         let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(sent, 0, "SIGTERM to pid {pid} failed");
+    }
+
+    /// Waits at most `limit` for the process to exit; `None` when it still runs.
+    pub fn wait_exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().expect("running");
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().expect("wait for the child") {
@@ -559,12 +570,5 @@ impl NodeProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    /// Whether the process is still running (it has not exited).
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }

@@ -536,7 +536,7 @@ pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
                     .all(|want| label_set.split(',').any(|have| have == *want));
             wanted.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .sum()
+        .fold(0.0, |sum, v| sum + v)
 }
 
 impl NodeProcess {

@@ -495,3 +495,80 @@ pub async fn get(client: &reqwest::Client, base: &str, hash: &str) -> (u16, Vec<
         Err(_) => (0, Vec::new()),
     }
 }
+
+// ---- Shared by the operations, peer TLS and limits tests ----------------------------
+
+/// An HTTP client whose every request gives up after a minute: a node that never
+/// answers fails the test instead of hanging it.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("HTTP client")
+}
+
+/// Whether a node's data dir holds the committed blob `key` (for the default namespace,
+/// the hash itself): blobs live in `blobs/<shard>/<key>`, uploads in progress under a
+/// hidden name, so only a complete artifact counts.
+pub fn holds_on_disk(data_dir: &Path, key: &str) -> bool {
+    let Ok(shards) = std::fs::read_dir(data_dir.join("blobs")) else {
+        return false;
+    };
+    shards
+        .flatten()
+        .any(|shard| shard.path().join(key).is_file())
+}
+
+/// The sum of every sample of `name` (a counter or gauge family) whose label set
+/// contains each of `labels` (e.g. `method="Blobs/Head"`); 0 when there is none.
+pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (family, label_set) = match series.split_once('{') {
+                Some((family, rest)) => (family, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = family == name
+                && labels
+                    .iter()
+                    .all(|want| label_set.split(',').any(|have| have == *want));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .fold(0.0, |sum, v| sum + v)
+}
+
+impl NodeProcess {
+    /// SIGTERM, then waits at most `limit` for the process to exit. `None` when it is
+    /// still running then (it is killed when the `NodeProcess` is dropped).
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.sigterm();
+        self.wait_exit_within(limit)
+    }
+
+    /// Sends SIGTERM (a graceful shutdown) without waiting.
+    pub fn sigterm(&self) {
+        let child = self.child.as_ref().expect("running");
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM to pid {pid} failed");
+    }
+
+    /// Waits at most `limit` for the process to exit; `None` when it still runs.
+    pub fn wait_exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -11,6 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+/// How long cut connections get to drop their requests after the shutdown timeout.
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
 pub(crate) struct ListenerConfig {
     pub max_connections: usize,
     pub header_timeout: Duration,
@@ -35,6 +38,7 @@ pub(crate) async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let (cut, cut_rx) = watch::channel(false);
     loop {
         // Beyond the limit, new connections wait in the kernel's backlog instead of
         // costing memory here.
@@ -60,9 +64,10 @@ pub(crate) async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let handshake_timeout = config.header_timeout;
+        let mut cut = cut_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let result =
+            let served = async {
                 match tls {
                     None => {
                         let conn =
@@ -77,20 +82,27 @@ pub(crate) async fn serve(
                                 Ok(Ok(stream)) => stream,
                                 Ok(Err(err)) => {
                                     tracing::debug!(%err, "TLS handshake failed");
-                                    return;
+                                    return Ok(());
                                 }
                                 Err(_) => {
                                     tracing::debug!("TLS handshake timed out");
-                                    return;
+                                    return Ok(());
                                 }
                             };
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(conn.into_owned()).await
                     }
-                };
-            if let Err(err) = result {
-                tracing::debug!(%err, "connection ended with an error");
+                }
+            };
+            tokio::select! {
+                result = served => {
+                    if let Err(err) = result {
+                        tracing::debug!(%err, "connection ended with an error");
+                    }
+                }
+                // Past the shutdown timeout: dropping the connection cuts its request.
+                _ = cut.wait_for(|c| *c) => {}
             }
         });
     }
@@ -103,9 +115,14 @@ pub(crate) async fn serve(
         .await
         .is_err()
     {
+        let _ = cut.send(true);
+        // Each connection holds a slot until its task ends: with every slot back, no
+        // request of this listener runs any more (the store may close after this).
+        let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(CUT_GRACE, slots.acquire_many(all)).await;
         tracing::warn!(
-            timeout_s = config.shutdown_timeout.as_secs(),
-            "in-flight requests did not finish in time; closing them"
+            timeout_s = config.shutdown_timeout.as_secs_f64(),
+            "in-flight requests did not finish within the shutdown timeout; they were cut"
         );
     }
 }

@@ -191,11 +191,13 @@ impl DataPlane {
         // Evictions are passed on to the other owners (see `workers::propagate`); the
         // listener runs under the store's key lock, so it only queues the key.
         let weak = Arc::downgrade(&plane.inner);
-        store.set_eviction_listener(Arc::new(move |key: &BlobKey| {
-            if let Some(inner) = weak.upgrade() {
-                lock(&inner.evicted).push(key.clone());
-            }
-        }));
+        store.set_eviction_listener(Arc::new(
+            move |key: &BlobKey, _: &nxcache_store::BlobMeta| {
+                if let Some(inner) = weak.upgrade() {
+                    lock(&inner.evicted).push(key.clone());
+                }
+            },
+        ));
         plane
     }
 

@@ -122,7 +122,7 @@ impl Ring {
     /// nodes has the same owners: one segment.
     pub fn segments(&self) -> Vec<Segment> {
         let mut out: Vec<Segment> = Vec::new();
-        let mut push = |first: u64, last: u64, start: usize, out: &mut Vec<Segment>| {
+        let push = |first: u64, last: u64, start: usize, out: &mut Vec<Segment>| {
             let mut owners = self.preference_from(start);
             owners.truncate(self.replicas());
             owners.sort_unstable();

@@ -116,3 +116,82 @@ async fn two_writers_of_different_bytes_never_both_succeed_and_nodes_agree() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_sides_of_a_partition_acknowledge_then_converge_to_the_body_the_rule_picks() {
+    let cluster = InProcessCluster::start(3, &[]).await;
+    let client = reqwest::Client::new();
+    let urls: Vec<String> = (0..3).map(|i| cluster.url(i)).collect();
+    // Node 0 alone on one side, nodes 1 and 2 on the other. Under `serve` both sides
+    // accept a write of the same hash with different bytes (availability first).
+    cluster.partition_data(&[0], &[1, 2]);
+    let (alone, pair) = (random_bytes(30_000), random_bytes(30_000));
+    assert_eq!(put(&client, &urls[0], "8100", alone.clone()).await, 200);
+    assert_eq!(put(&client, &urls[1], "8100", pair.clone()).await, 200);
+    // During the partition each side serves what it holds.
+    assert_eq!(get(&client, &urls[0], "8100").await, (200, alone.clone()));
+    assert_eq!(get(&client, &urls[2], "8100").await, (200, pair.clone()));
+    // Every node on its own: three bodies, one owner each.
+    cluster.partition_data(&[1], &[2]);
+    let three: Vec<Vec<u8>> = (0..3).map(|_| random_bytes(20_000)).collect();
+    for (i, body) in three.iter().enumerate() {
+        assert_eq!(put(&client, &urls[i], "8200", body.clone()).await, 200);
+    }
+    // The body each key must end with, by the rule, from the copies on the disks.
+    let expected = |hash: &str| {
+        let held: Vec<nxcache_store::CopyIdentity> = (0..3)
+            .filter_map(|i| {
+                let node = cluster.nodes[i].as_ref()?;
+                node.data()
+                    .store()
+                    .head(&key(hash))
+                    .unwrap()
+                    .map(|m| m.identity())
+            })
+            .collect();
+        assert_eq!(
+            held.len(),
+            3,
+            "{hash}: every owner holds a copy before the heal"
+        );
+        nxcache_replication::winner(&held).unwrap().checksum
+    };
+    let (want_8100, want_8200) = (expected("8100"), expected("8200"));
+    // Two owners against one: the pair's body, whatever the clocks say.
+    assert_eq!(want_8100, nxcache_store::checksum_of(&pair));
+    cluster.heal_data();
+    wait_until(
+        Duration::from_secs(90),
+        "every owner holds the rule's body",
+        || {
+            let done = copies(&cluster, "8100")
+                .iter()
+                .all(|(_, s)| *s == Some(want_8100))
+                && copies(&cluster, "8200")
+                    .iter()
+                    .all(|(_, s)| *s == Some(want_8200));
+            async move { done }
+        },
+    )
+    .await;
+    for url in &urls {
+        let (status, got) = get(&client, url, "8100").await;
+        assert_eq!(status, 200);
+        assert!(got == pair, "{url} serves another body for 8100");
+        let (status, got) = get(&client, url, "8200").await;
+        assert_eq!(status, 200);
+        assert_eq!(nxcache_store::checksum_of(&got), want_8200, "{url}");
+    }
+    // The conflicts were found and repaired, and counted.
+    let mut found = 0.0;
+    for url in &urls {
+        let page = nxcache_tests::metrics_page(url).await;
+        for line in page
+            .lines()
+            .filter(|l| l.starts_with("nxcache_replication_conflicts_total"))
+        {
+            found += line.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap();
+        }
+    }
+    assert!(found >= 2.0, "{found} conflicts counted");
+}

@@ -19,6 +19,8 @@ use std::collections::BTreeMap;
 use nxcache_placement::NodeId;
 use nxcache_store::{BlobKey, CopyIdentity, Version};
 
+use tracing::Instrument;
+
 use crate::copies::Copied;
 use crate::plane::DataPlane;
 use crate::topology::ClusterView;
@@ -65,6 +67,12 @@ impl DataPlane {
         key: &BlobKey,
         found_by: &str,
     ) -> Settled {
+        self.settle_inner(view, key, found_by)
+            .instrument(tracing::info_span!("settle", key = %key, found_by))
+            .await
+    }
+
+    async fn settle_inner(&self, view: &ClusterView, key: &BlobKey, found_by: &str) -> Settled {
         let owners = view.owners(key.as_str());
         let mut held: Vec<(NodeId, Option<CopyIdentity>)> = Vec::with_capacity(owners.len());
         for owner in &owners {

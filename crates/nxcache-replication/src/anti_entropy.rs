@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use futures_util::StreamExt;
 use nxcache_placement::{NodeId, Segment};
 use nxcache_store::{BlobKey, DIGEST_BUCKET_BITS, DeleteReason, RangeDigest, RingEntry};
+use tracing::Instrument;
 
 use crate::BlobClient;
 use crate::client::{MAX_BATCH, MAX_PAGE};
@@ -123,6 +124,7 @@ impl DataPlane {
             let peers: Vec<NodeId> = view.ring.members().filter(|p| *p != view.me).collect();
             for peer in peers {
                 self.anti_entropy_with(&view, &segments, peer, &mut totals)
+                    .instrument(tracing::info_span!("anti_entropy_peer", peer))
                     .await;
             }
         }

@@ -245,6 +245,7 @@ impl DataPlane {
                     &[(key.clone(), version)],
                     DeleteReason::Withdrawn,
                 )
+                .instrument(tracing::info_span!("withdraw", key = %key, holder))
                 .await;
             if let Err(err) = removed {
                 tracing::warn!(%err, holder, key = %key, "could not withdraw a copy; anti-entropy will settle the key");

@@ -251,3 +251,59 @@ impl DataPlane {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::plane::READ_REPAIRS_IN_FLIGHT;
+
+    fn plane(dir: &std::path::Path) -> DataPlane {
+        let registry = prometheus::Registry::new();
+        let store = nxcache_store::BlobStore::open(
+            nxcache_store::StoreConfig {
+                data_dir: dir.to_path_buf(),
+                max_bytes: 1 << 20,
+                ttl: None,
+                fsync: false,
+            },
+            &registry,
+        )
+        .unwrap();
+        DataPlane::new(
+            store,
+            Arc::new(crate::FixedTopology(Arc::new(ClusterView::lone(1)))),
+            crate::Peers::new(
+                nxcache_rpc::ClusterSecret::new("0123456789abcdef").unwrap(),
+                None,
+                nxcache_rpc::GrpcClientMetrics::unregistered(),
+            ),
+            crate::HintLog::temporary().unwrap(),
+            crate::ReplicationMetrics::register(&registry).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn read_repair_past_its_limit_is_dropped_and_counted_not_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = plane(dir.path());
+        // Every repair slot busy (a node came back empty and reads pour in).
+        let busy = plane
+            .inner
+            .repairs
+            .clone()
+            .try_acquire_many_owned(READ_REPAIRS_IN_FLIGHT as u32)
+            .unwrap();
+        for n in 0..100 {
+            plane.repair(BlobKey::parse(&format!("k{n}")).unwrap(), 2, vec![1]);
+        }
+        // Nothing waits for a slot: every one was dropped, counted.
+        assert_eq!(plane.inner.metrics.repairs_dropped.get(), 100);
+        assert!(lock(&plane.inner.repairing).is_empty());
+        drop(busy);
+        // With a slot free, a repair starts (and ends: node 2 has no address here).
+        plane.repair(BlobKey::parse("k0").unwrap(), 2, vec![1]);
+        assert_eq!(plane.inner.metrics.repairs_dropped.get(), 100);
+    }
+}

@@ -52,20 +52,6 @@ pub struct Segment {
     pub owners: Vec<NodeId>,
 }
 
-/// Key ranges compared by anti-entropy: the top byte of the key's ring position.
-pub const KEY_RANGES: usize = 256;
-
-/// The anti-entropy range of a key.
-pub fn key_range(key: &str) -> usize {
-    (key_position(key) >> 56) as usize
-}
-
-/// The key's contribution to its range's digest (digests are the XOR of these, so they
-/// do not depend on the order keys are visited in).
-pub fn key_digest(key: &str) -> u64 {
-    key_position(key)
-}
-
 impl Ring {
     /// Builds the ring. Duplicate member ids are counted once; the order of `members`
     /// does not matter.

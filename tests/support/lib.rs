@@ -445,6 +445,25 @@ impl InProcessCluster {
         self.nodes[i] = Some(nxcache::start(config).await.unwrap());
     }
 
+    /// Cuts the data-plane links between the nodes in `a` and those in `b`, both ways: a
+    /// partition for artifacts (Raft traffic still flows, so membership stays as it is).
+    pub fn partition_data(&self, a: &[usize], b: &[usize]) {
+        for (from, to) in [(a, b), (b, a)] {
+            for i in from {
+                if let Some(node) = &self.nodes[*i] {
+                    node.data().cut_peers(to.iter().map(|j| *j as u64));
+                }
+            }
+        }
+    }
+
+    /// Undoes every [`InProcessCluster::partition_data`].
+    pub fn heal_data(&self) {
+        for node in self.nodes.iter().flatten() {
+            node.data().heal_peers();
+        }
+    }
+
     /// Waits until every running node sees `n` members and the same ring epoch.
     pub async fn wait_members(&self, n: usize) {
         wait_until(Duration::from_secs(60), "membership settled", || async {

@@ -37,22 +37,19 @@ fn vnode_position(id: NodeId, vnode: usize) -> u64 {
     xxh3_64(format!("nxcache-node-{id}-vnode-{vnode}").as_bytes())
 }
 
-fn key_position(key: &str) -> u64 {
+/// Where a key sits on the ring (XXH3-64 of the key; the store orders its index by the
+/// same position).
+pub fn key_position(key: &str) -> u64 {
     xxh3_64(key.as_bytes())
 }
 
-/// Key ranges compared by anti-entropy: the top byte of the key's ring position.
-pub const KEY_RANGES: usize = 256;
-
-/// The anti-entropy range of a key.
-pub fn key_range(key: &str) -> usize {
-    (key_position(key) >> 56) as usize
-}
-
-/// The key's contribution to its range's digest (digests are the XOR of these, so they
-/// do not depend on the order keys are visited in).
-pub fn key_digest(key: &str) -> u64 {
-    key_position(key)
+/// A stretch of the ring, positions `first..=last`, whose keys all have the same owners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub first: u64,
+    pub last: u64,
+    /// The owners, ascending (as a set: their preference order may differ inside).
+    pub owners: Vec<NodeId>,
 }
 
 impl Ring {
@@ -102,6 +99,49 @@ impl Ring {
         let start = self
             .points
             .partition_point(|(pos, _)| *pos < key_position(key));
+        self.preference_from(start)
+    }
+
+    /// The whole ring (`0..=u64::MAX`) as segments of constant owners, in position order,
+    /// neighbours with the same set of owners merged. A key's owners depend only on the first
+    /// virtual node at or after its position, so every position between two virtual
+    /// nodes has the same owners: one segment.
+    pub fn segments(&self) -> Vec<Segment> {
+        let mut out: Vec<Segment> = Vec::new();
+        let push = |first: u64, last: u64, start: usize, out: &mut Vec<Segment>| {
+            let mut owners = self.preference_from(start);
+            owners.truncate(self.replicas());
+            owners.sort_unstable();
+            match out.last_mut() {
+                Some(prev) if prev.owners == owners && prev.last.checked_add(1) == Some(first) => {
+                    prev.last = last
+                }
+                _ => out.push(Segment {
+                    first,
+                    last,
+                    owners,
+                }),
+            }
+        };
+        let Some(&(first_pos, _)) = self.points.first() else {
+            return out;
+        };
+        // Up to the first virtual node, and past the last one, keys wrap to the first.
+        push(0, first_pos, 0, &mut out);
+        for i in 1..self.points.len() {
+            let (prev, here) = (self.points[i - 1].0, self.points[i].0);
+            if here > prev {
+                push(prev + 1, here, i, &mut out);
+            }
+        }
+        let last_pos = self.points[self.points.len() - 1].0;
+        if last_pos < u64::MAX {
+            push(last_pos + 1, u64::MAX, 0, &mut out);
+        }
+        out
+    }
+
+    fn preference_from(&self, start: usize) -> Vec<NodeId> {
         let mut seen = BTreeSet::new();
         let mut clockwise = Vec::with_capacity(self.zones.len());
         for i in 0..self.points.len() {
@@ -221,6 +261,38 @@ mod tests {
                 assert!(off < 0.25, "{n} nodes: node {id} holds {c}, mean {mean:.0}");
             }
         }
+    }
+
+    #[test]
+    fn segments_cover_the_ring_and_give_each_key_its_owners() {
+        for (ids, r) in [
+            (&[1u64, 2, 3][..], 3),
+            (&[1, 2, 3, 4, 5][..], 3),
+            (&[7][..], 3),
+        ] {
+            let ring = Ring::new(1, &members(ids), r, 32);
+            let segments = ring.segments();
+            assert_eq!(segments[0].first, 0);
+            assert_eq!(segments.last().unwrap().last, u64::MAX);
+            for pair in segments.windows(2) {
+                assert_eq!(pair[0].last + 1, pair[1].first);
+                assert_ne!(pair[0].owners, pair[1].owners, "neighbours are merged");
+            }
+            for key in keys(3000) {
+                let p = key_position(&key);
+                let seg = segments
+                    .iter()
+                    .find(|s| s.first <= p && p <= s.last)
+                    .unwrap();
+                let mut owners = ring.owners(&key);
+                owners.sort();
+                assert_eq!(seg.owners, owners, "{key}");
+            }
+        }
+        // Every member owns everything with three members and three copies: one segment.
+        let ring = Ring::new(1, &members(&[1, 2, 3]), 3, DEFAULT_VNODES);
+        assert_eq!(ring.segments().len(), 1);
+        assert!(Ring::new(1, &[], 3, 8).segments().is_empty());
     }
 
     #[test]

@@ -22,6 +22,18 @@ pub struct ReplicationMetrics {
     pub evictions_propagated: IntCounter,
     pub worker_passes: IntCounterVec,
     pub worker_last_pass: IntGaugeVec,
+    /// Keys found with different bodies on their owners, by what found them: write (a
+    /// coordinator saw another body), handoff, anti_entropy.
+    pub conflicts: IntCounterVec,
+    /// Copies replaced by the winning body of a conflict.
+    pub conflict_repairs: IntCounter,
+    /// Hints not recorded because the hint log was full (anti-entropy repairs those).
+    pub hints_dropped: IntCounter,
+    /// Read repairs not started because the most allowed were in flight.
+    pub repairs_dropped: IntCounter,
+    pub anti_entropy_ranges_compared: IntCounter,
+    pub anti_entropy_ranges_differing: IntCounter,
+    pub anti_entropy_repaired: IntCounter,
 }
 
 impl ReplicationMetrics {
@@ -42,7 +54,7 @@ impl ReplicationMetrics {
         Ok(ReplicationMetrics {
             writes: counter_vec(
                 "nxcache_replication_writes_total",
-                "Writes through this node as coordinator, by outcome (quorum, degraded, refused, failed, exists).",
+                "Writes through this node as coordinator, by outcome (quorum, degraded, refused, failed, exists, conflict: lost to another body and withdrawn).",
                 "outcome",
             )?,
             copies: counter_vec(
@@ -127,6 +139,53 @@ impl ReplicationMetrics {
                 "nxcache_worker_passes_total",
                 "Completed passes of each background worker.",
                 "worker",
+            )?,
+            conflicts: counter_vec(
+                "nxcache_replication_conflicts_total",
+                "Keys found holding different bodies on their owners, by what found them (write, handoff, anti_entropy).",
+                "found_by",
+            )?,
+            conflict_repairs: reg(
+                registry,
+                IntCounter::new(
+                    "nxcache_replication_conflict_repairs_total",
+                    "Copies replaced by the body the conflict rule picked.",
+                )?,
+            )?,
+            hints_dropped: reg(
+                registry,
+                IntCounter::new(
+                    "nxcache_replication_hints_dropped_total",
+                    "Hints not recorded because the hint log was at its limit; anti-entropy repairs those owners instead.",
+                )?,
+            )?,
+            repairs_dropped: reg(
+                registry,
+                IntCounter::new(
+                    "nxcache_replication_read_repairs_dropped_total",
+                    "Read repairs not started because the most allowed were already running; anti-entropy repairs those keys instead.",
+                )?,
+            )?,
+            anti_entropy_ranges_compared: reg(
+                registry,
+                IntCounter::new(
+                    "nxcache_anti_entropy_ranges_compared_total",
+                    "Ring ranges whose digests anti-entropy compared with a peer.",
+                )?,
+            )?,
+            anti_entropy_ranges_differing: reg(
+                registry,
+                IntCounter::new(
+                    "nxcache_anti_entropy_ranges_differing_total",
+                    "Compared ring ranges whose digests differed.",
+                )?,
+            )?,
+            anti_entropy_repaired: reg(
+                registry,
+                IntCounter::new(
+                    "nxcache_anti_entropy_keys_repaired_total",
+                    "Keys anti-entropy repaired: copies made, conflicts settled, evictions passed on.",
+                )?,
             )?,
             worker_last_pass: reg(
                 registry,

@@ -1,6 +1,6 @@
 //! Clients to the other members, and which of them failed recently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,8 @@ pub struct Peers {
     clients: Mutex<HashMap<NodeId, (String, BlobClient)>>,
     /// Until when a peer is skipped, and how many failures in a row led there.
     down_until: Mutex<HashMap<NodeId, (Instant, u32)>>,
+    /// Peers cut off by a test (a partition inside one process): no client, always down.
+    cut: Mutex<HashSet<NodeId>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -41,11 +43,29 @@ impl Peers {
             tls,
             clients: Mutex::new(HashMap::new()),
             down_until: Mutex::new(HashMap::new()),
+            cut: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Test hook: calls to these peers fail from now on (see [`crate::DataPlane::cut_peers`]).
+    pub fn cut(&self, peers: impl IntoIterator<Item = NodeId>) {
+        lock(&self.cut).extend(peers);
+    }
+
+    /// Test hook: every cut peer is reachable again.
+    pub fn heal(&self) {
+        lock(&self.cut).clear();
+    }
+
+    fn is_cut(&self, id: NodeId) -> bool {
+        lock(&self.cut).contains(&id)
     }
 
     /// A client for member `id` at `addr` (made again when its address changed).
     pub fn client(&self, id: NodeId, addr: &str) -> Option<BlobClient> {
+        if self.is_cut(id) {
+            return None;
+        }
         let mut clients = lock(&self.clients);
         if let Some((known, client)) = clients.get(&id)
             && known == addr
@@ -60,6 +80,9 @@ impl Peers {
 
     /// Failed recently (within its current back-off period).
     pub fn is_down(&self, id: NodeId) -> bool {
+        if self.is_cut(id) {
+            return true;
+        }
         lock(&self.down_until)
             .get(&id)
             .is_some_and(|(until, _)| Instant::now() < *until)

@@ -1,21 +1,23 @@
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use nxcache_rpc::pb::blobs_server::Blobs;
 use nxcache_rpc::pb::{
-    BlobInfo, DeleteRequest, DeleteResponse, GetChunk, GetRequest, HeadRequest, HeadResponse,
+    self, BlobInfo, DeleteRequest, DeleteResponse, GetChunk, GetRequest, HeadRequest, HeadResponse,
     PutChunk, PutResult, RangeDigestsRequest, RangeDigestsResponse, RangeKeysRequest,
     RangeKeysResponse, TouchRequest, TouchResponse, get_chunk, put_chunk,
 };
-use nxcache_store::{BlobBody, BlobKey, BlobStore, Checksum, StoreError};
+use nxcache_store::{
+    BlobBody, BlobKey, BlobStore, Checksum, ChecksumHasher, Committed, CopyIdentity, DeleteReason,
+    StoreError, Version,
+};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use std::sync::Arc;
-
 use crate::CHUNK_SIZE;
-use crate::digests::{digests_of, shared_by_range};
+use crate::client::{MAX_BATCH, MAX_PAGE, identity_to_pb};
 use crate::topology::{ClusterView, Topology};
 
 /// Serves this node's store to its peers.
@@ -25,12 +27,13 @@ pub struct BlobService {
 }
 
 impl BlobService {
-    /// `topology`: this node's view of the cluster, for the anti-entropy digests.
+    /// `topology`: this node's view of the cluster (anti-entropy calls must come from a
+    /// peer at the same ring epoch).
     pub fn new(store: BlobStore, topology: Arc<dyn Topology>) -> Self {
         BlobService { store, topology }
     }
 
-    /// The current view, if the caller computed its digests at the same ring epoch.
+    /// The current view, if the caller works at the same ring epoch.
     fn view_at(&self, ring_epoch: u64) -> Result<Arc<ClusterView>, Status> {
         let view = self.topology.view();
         if view.epoch() != ring_epoch {
@@ -52,10 +55,94 @@ impl BlobService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(status)
     }
+
+    /// Whether this node evicted the artifact `copy` of `key` recently.
+    fn evicted_here(&self, key: &BlobKey, copy: &CopyIdentity) -> Result<bool, Status> {
+        Ok(self
+            .store
+            .eviction_mark(key)
+            .map_err(status)?
+            .is_some_and(|mark| mark.covers(copy)))
+    }
+
+    /// The key is held: read the sender's bytes to their trailer (only their checksum
+    /// tells whether they are the same artifact), then answer with the copy that holds
+    /// it, counted for the sender when the bytes are the same.
+    async fn answer_held(
+        &self,
+        key: BlobKey,
+        held: nxcache_store::BlobMeta,
+        size: u64,
+        version: Version,
+        incoming: &mut Streaming<PutChunk>,
+    ) -> Result<Response<PutResult>, Status> {
+        if held.size != size {
+            // Other bytes for sure: no need to read them.
+            return Ok(Response::new(existing(&held.identity())));
+        }
+        let mut hasher = ChecksumHasher::new();
+        let mut received = 0u64;
+        let checksum = loop {
+            match incoming.message().await? {
+                Some(PutChunk {
+                    part: Some(put_chunk::Part::Data(bytes)),
+                }) => {
+                    received += bytes.len() as u64;
+                    hasher.update(&bytes);
+                }
+                Some(PutChunk {
+                    part: Some(put_chunk::Part::Trailer(trailer)),
+                }) => break trailer_checksum(&trailer)?,
+                _ => {
+                    return Err(Status::data_loss(
+                        "the put ended without its trailer; nothing was stored",
+                    ));
+                }
+            }
+        };
+        if received != size || hasher.finish() != checksum {
+            return Err(Status::data_loss(
+                "the received bytes do not match the sender's size and checksum",
+            ));
+        }
+        let copy = CopyIdentity {
+            size,
+            checksum,
+            version,
+        };
+        let current = self
+            .blocking(move |store| store.claim_if_same(&key, &copy))
+            .await?;
+        Ok(Response::new(match current {
+            Some(meta) => existing(&meta.identity()),
+            // Gone meanwhile: nothing holds the key now, and nothing was stored.
+            None => PutResult::default(),
+        }))
+    }
 }
 
 fn key(raw: &str) -> Result<BlobKey, Status> {
     BlobKey::parse(raw).map_err(|e| Status::invalid_argument(format!("bad key: {e}")))
+}
+
+fn version_of(raw: &[u8]) -> Result<Version, Status> {
+    Version::from_slice(raw).ok_or_else(|| Status::invalid_argument("a version is 16 bytes"))
+}
+
+fn trailer_checksum(trailer: &pb::PutTrailer) -> Result<Checksum, Status> {
+    trailer
+        .checksum
+        .as_slice()
+        .try_into()
+        .map_err(|_| Status::invalid_argument("a checksum is 16 bytes"))
+}
+
+fn existing(copy: &CopyIdentity) -> PutResult {
+    PutResult {
+        stored: false,
+        existing: Some(identity_to_pb(copy)),
+        evicted: false,
+    }
 }
 
 fn status(err: StoreError) -> Status {
@@ -68,6 +155,24 @@ fn status(err: StoreError) -> Status {
         }
         other => Status::internal(other.to_string()),
     }
+}
+
+/// Ring ranges from a request: at most [`MAX_BATCH`], each `first <= last`, ascending and
+/// disjoint (a page cursor walks them in order).
+fn ranges(raw: &[pb::RingRange]) -> Result<Vec<(u64, u64)>, Status> {
+    if raw.len() > MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_BATCH} ranges per call"
+        )));
+    }
+    let out: Vec<(u64, u64)> = raw.iter().map(|r| (r.first, r.last)).collect();
+    let ordered = out.iter().all(|(f, l)| f <= l) && out.windows(2).all(|w| w[0].1 < w[1].0);
+    if !ordered {
+        return Err(Status::invalid_argument(
+            "ranges must be ascending and disjoint",
+        ));
+    }
+    Ok(out)
 }
 
 type GetStream = Pin<Box<dyn Stream<Item = Result<GetChunk, Status>> + Send>>;
@@ -92,10 +197,43 @@ impl Blobs for BlobService {
             _ => return Err(Status::invalid_argument("a put starts with its header")),
         };
         let key = key(&header.key)?;
-        let mut writer = match self.store.begin_write(key, header.size).await {
-            Ok(writer) => writer,
-            Err(StoreError::Exists) => return Ok(Response::new(PutResult { stored: false })),
-            Err(err) => return Err(status(err)),
+        // A node that predates versions sends none: this copy gets one of its own.
+        let version = match header.version.as_slice() {
+            [] => Version::new(),
+            raw => version_of(raw)?,
+        };
+        let replaces = match header.replaces.as_slice() {
+            [] => None,
+            raw => Some(version_of(raw)?),
+        };
+        let repair = header.purpose == pb::PutPurpose::Repair as i32;
+        if repair {
+            let mark = self.store.eviction_mark(&key).map_err(status)?;
+            if mark.is_some_and(|m| m.copy.version == version) {
+                return Ok(Response::new(PutResult {
+                    evicted: true,
+                    ..PutResult::default()
+                }));
+            }
+        }
+        let mut writer = loop {
+            match self
+                .store
+                .begin_copy(key.clone(), header.size, version, replaces)
+                .await
+            {
+                Ok(writer) => break writer,
+                Err(StoreError::Exists) => match self.store.head(&key).map_err(status)? {
+                    Some(held) => {
+                        return self
+                            .answer_held(key, held, header.size, version, &mut incoming)
+                            .await;
+                    }
+                    // Removed since: try again.
+                    None => continue,
+                },
+                Err(err) => return Err(status(err)),
+            }
         };
         loop {
             match incoming.message().await? {
@@ -105,18 +243,32 @@ impl Blobs for BlobService {
                 Some(PutChunk {
                     part: Some(put_chunk::Part::Trailer(trailer)),
                 }) => {
-                    let checksum: Checksum = trailer
-                        .checksum
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| Status::invalid_argument("a checksum is 16 bytes"))?;
+                    let checksum = trailer_checksum(&trailer)?;
+                    let copy = CopyIdentity {
+                        size: header.size,
+                        checksum,
+                        version,
+                    };
+                    // Identical bytes written before this node evicted them: the evicted
+                    // artifact, not to be brought back by repair.
+                    if repair && self.evicted_here(&key, &copy)? {
+                        return Ok(Response::new(PutResult {
+                            evicted: true,
+                            ..PutResult::default()
+                        }));
+                    }
                     let committed = writer
-                        .commit_verified(checksum)
+                        .finish(Some(checksum))
                         .instrument(tracing::info_span!("store_commit"))
                         .await;
                     return match committed {
-                        Ok(_) => Ok(Response::new(PutResult { stored: true })),
-                        Err(StoreError::Exists) => Ok(Response::new(PutResult { stored: false })),
+                        Ok(Committed::Stored(_)) => Ok(Response::new(PutResult {
+                            stored: true,
+                            ..PutResult::default()
+                        })),
+                        Ok(Committed::Existing(held)) => {
+                            Ok(Response::new(existing(&held.identity())))
+                        }
                         Err(err) => Err(status(err)),
                     };
                 }
@@ -145,6 +297,7 @@ impl Blobs for BlobService {
             part: Some(get_chunk::Part::Info(BlobInfo {
                 size: read.meta.size,
                 checksum: read.meta.checksum.to_vec(),
+                version: read.meta.version.to_bytes().to_vec(),
             })),
         };
         let body: GetStream = match read.body {
@@ -173,6 +326,7 @@ impl Blobs for BlobService {
                 found: true,
                 size: m.size,
                 checksum: m.checksum.to_vec(),
+                version: m.version.to_bytes().to_vec(),
             },
             None => HeadResponse::default(),
         }))
@@ -182,17 +336,28 @@ impl Blobs for BlobService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let keys = request
-            .into_inner()
-            .keys
+        let request = request.into_inner();
+        if request.copies.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} copies per delete"
+            )));
+        }
+        let reason = match pb::DeleteReason::try_from(request.reason) {
+            Ok(pb::DeleteReason::Withdrawn) => DeleteReason::Withdrawn,
+            Ok(pb::DeleteReason::HandedOff) => DeleteReason::HandedOff,
+            Ok(pb::DeleteReason::Evicted) => DeleteReason::Evicted,
+            _ => return Err(Status::invalid_argument("a delete must say why")),
+        };
+        let copies = request
+            .copies
             .iter()
-            .map(|k| key(k))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|c| Ok((key(&c.key)?, version_of(&c.version)?)))
+            .collect::<Result<Vec<_>, Status>>()?;
         let deleted = self
             .blocking(move |store| {
                 let mut n = 0;
-                for k in &keys {
-                    n += u32::from(store.delete(k)?);
+                for (k, v) in &copies {
+                    n += u32::from(store.delete_copy(k, *v, reason)?);
                 }
                 Ok(n)
             })
@@ -204,7 +369,13 @@ impl Blobs for BlobService {
         &self,
         request: Request<TouchRequest>,
     ) -> Result<Response<TouchResponse>, Status> {
-        for raw in request.into_inner().keys {
+        let keys = request.into_inner().keys;
+        if keys.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} keys per touch"
+            )));
+        }
+        for raw in keys {
             if let Ok(k) = BlobKey::parse(&raw) {
                 self.store.touch(&k).map_err(status)?;
             }
@@ -217,19 +388,24 @@ impl Blobs for BlobService {
         request: Request<RangeDigestsRequest>,
     ) -> Result<Response<RangeDigestsResponse>, Status> {
         let request = request.into_inner();
-        let view = self.view_at(request.ring_epoch)?;
-        let d = self
+        self.view_at(request.ring_epoch)?;
+        let ranges = ranges(&request.ranges)?;
+        let digests = self
             .blocking(move |store| {
-                Ok(digests_of(&shared_by_range(
-                    &store,
-                    &view,
-                    request.peer_id,
-                )?))
+                ranges
+                    .iter()
+                    .map(|(first, last)| store.ring_digest(*first, *last))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .await?;
         Ok(Response::new(RangeDigestsResponse {
-            digests: d.digests,
-            counts: d.counts,
+            digests: digests
+                .into_iter()
+                .map(|d| pb::RangeDigest {
+                    xor: d.xor,
+                    count: d.count,
+                })
+                .collect(),
         }))
     }
 
@@ -238,20 +414,30 @@ impl Blobs for BlobService {
         request: Request<RangeKeysRequest>,
     ) -> Result<Response<RangeKeysResponse>, Status> {
         let request = request.into_inner();
-        let view = self.view_at(request.ring_epoch)?;
-        let range = request.range as usize;
-        if range >= nxcache_placement::KEY_RANGES {
-            return Err(Status::invalid_argument("no such key range"));
-        }
-        let keys = self
+        self.view_at(request.ring_epoch)?;
+        let ranges = ranges(&request.ranges)?;
+        let limit = (request.limit as usize).clamp(1, MAX_PAGE);
+        let after = request.after.map(|c| (c.position, c.key));
+        let mut entries = self
             .blocking(move |store| {
-                Ok(std::mem::take(
-                    &mut shared_by_range(&store, &view, request.peer_id)?[range],
-                ))
+                store.ring_entries(
+                    &ranges,
+                    after.as_ref().map(|(p, k)| (*p, k.as_str())),
+                    limit + 1,
+                )
             })
             .await?;
+        let more = entries.len() > limit;
+        entries.truncate(limit);
         Ok(Response::new(RangeKeysResponse {
-            keys: keys.into_iter().map(|k| k.as_str().to_owned()).collect(),
+            entries: entries
+                .into_iter()
+                .map(|e| pb::RangeEntry {
+                    copy: Some(identity_to_pb(&e.copy)),
+                    key: e.key,
+                })
+                .collect(),
+            more,
         }))
     }
 }

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use nxcache_replication::{BlobClient, BlobService, CHUNK_SIZE};
+use nxcache_replication::{BlobClient, BlobService, CHUNK_SIZE, Purpose, PutAnswer};
 use nxcache_rpc::ClusterSecret;
 use nxcache_rpc::pb::blobs_server::BlobsServer;
-use nxcache_store::{BlobKey, BlobStore, StoreConfig, checksum_of};
+use nxcache_store::{BlobKey, BlobStore, StoreConfig, Version, checksum_of};
 
 const SECRET: &str = "blob-test-cluster-secret";
 
@@ -78,13 +78,26 @@ fn bytes(len: usize) -> Bytes {
         .into()
 }
 
+/// Sends `data` as a new write; true when the peer stored it, false when it held the key.
 async fn send(
     client: &BlobClient,
     key: &str,
     data: &Bytes,
     checksum: [u8; 16],
 ) -> Result<bool, tonic::Status> {
-    let mut upload = client.start_put(key, data.len() as u64).await?;
+    Ok(send_version(client, key, data, checksum, Version::new()).await? == PutAnswer::Stored)
+}
+
+async fn send_version(
+    client: &BlobClient,
+    key: &str,
+    data: &Bytes,
+    checksum: [u8; 16],
+    version: Version,
+) -> Result<PutAnswer, tonic::Status> {
+    let mut upload = client
+        .start_put(key, data.len() as u64, version, Purpose::Write, None)
+        .await?;
     for at in (0..data.len()).step_by(CHUNK_SIZE) {
         if !upload
             .send(data.slice(at..(at + CHUNK_SIZE).min(data.len())))
@@ -101,14 +114,26 @@ async fn a_blob_goes_to_a_peer_and_comes_back_identical() {
     let peer = peer().await;
     let c = client(&peer.addr);
     let data = bytes(3 * 1024 * 1024 + 77);
-    assert!(send(&c, "42", &data, checksum_of(&data)).await.unwrap());
-    // Immutable: a second put is answered "already there".
-    assert!(!send(&c, "42", &data, checksum_of(&data)).await.unwrap());
+    let version = Version::new();
+    assert_eq!(
+        send_version(&c, "42", &data, checksum_of(&data), version)
+            .await
+            .unwrap(),
+        PutAnswer::Stored
+    );
+    // Immutable: a second put is answered with the copy that holds the key.
+    match send_version(&c, "42", &data, checksum_of(&data), Version::new())
+        .await
+        .unwrap()
+    {
+        PutAnswer::Held(Some(held)) => assert_eq!(held.version, version),
+        other => panic!("{other:?}"),
+    }
 
     let head = c.head("42").await.unwrap().unwrap();
     assert_eq!(
-        (head.size, head.checksum),
-        (data.len() as u64, checksum_of(&data))
+        (head.size, head.checksum, head.version),
+        (data.len() as u64, checksum_of(&data), version)
     );
     assert!(c.head("43").await.unwrap().is_none());
 
@@ -146,7 +171,10 @@ async fn damaged_or_cut_transfers_store_nothing() {
     );
 
     // The sender gives up half-way.
-    let mut upload = c.start_put("2", data.len() as u64).await.unwrap();
+    let mut upload = c
+        .start_put("2", data.len() as u64, Version::new(), Purpose::Write, None)
+        .await
+        .unwrap();
     assert!(upload.send(data.slice(..100_000)).await);
     upload.abort().await;
     assert!(
@@ -157,7 +185,10 @@ async fn damaged_or_cut_transfers_store_nothing() {
     );
 
     // More bytes than announced.
-    let mut upload = c.start_put("4", 5).await.unwrap();
+    let mut upload = c
+        .start_put("4", 5, Version::new(), Purpose::Write, None)
+        .await
+        .unwrap();
     upload.send(bytes(10)).await;
     assert_eq!(
         upload
@@ -284,7 +315,6 @@ async fn a_write_with_its_quorum_does_not_wait_for_an_owner_that_never_answers()
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
     assert!(store.contains(&key).unwrap());
     assert!(live.store.contains(&key).unwrap());
-    let pending = hints.pending(10);
-    assert_eq!(pending.len(), 1, "{pending:?}");
-    assert_eq!(pending[0].owner, 3);
+    assert_eq!(hints.owners(), vec![3]);
+    assert_eq!(hints.for_owner(3, None, 10).len(), 1);
 }

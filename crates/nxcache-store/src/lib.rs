@@ -7,6 +7,7 @@
 //! evicting the least recently used blobs (and, optionally, those idle longer than a TTL).
 
 mod checksum;
+mod copy;
 mod error;
 mod index;
 mod key;
@@ -19,13 +20,20 @@ mod store;
 mod write;
 
 pub use checksum::{Checksum, ChecksumHasher, checksum_of};
+pub use copy::{
+    CopyIdentity, DeleteReason, EvictionMark, RangeDigest, RingEntry, Version, entry_digest,
+    ring_position,
+};
 pub use error::StoreError;
-pub use index::{BlobMeta, Index, IndexError};
+pub use index::{BlobMeta, Index, IndexError, RingCursor};
 pub use key::{BlobKey, InvalidKey};
 pub use memory_index::MemoryIndex;
 pub use read::{BlobBody, BlobRead, ByteStream, verify_stream};
 pub use sled_index::SledIndex;
-pub use store::{BlobStore, EvictionListener, ScrubOutcome, StoreConfig, StoreStats};
+pub use store::{
+    BlobStore, Committed, DIGEST_BUCKET_BITS, EVICTION_MARK_TTL, EvictionListener,
+    MAX_EVICTION_MARKS, ScrubOutcome, StoreConfig, StoreStats,
+};
 pub use write::BlobWriter;
 
 #[cfg(test)]

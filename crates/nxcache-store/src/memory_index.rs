@@ -1,7 +1,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::index::{BlobMeta, Index, IndexError};
+use crate::copy::{CopyIdentity, EvictionMark};
+use crate::index::{BlobMeta, Index, IndexError, RingCursor};
+use crate::ring_position;
 
 /// An [`Index`] held in memory: nothing survives a restart. For tests and for measuring
 /// what the embedded database costs.
@@ -14,6 +16,8 @@ pub struct MemoryIndex {
 struct State {
     blobs: HashMap<String, BlobMeta>,
     lru: BTreeMap<u64, String>,
+    ring: BTreeMap<(u64, String), CopyIdentity>,
+    evicted: HashMap<String, EvictionMark>,
     seq: u64,
 }
 
@@ -36,10 +40,13 @@ impl Index for MemoryIndex {
 
     fn insert(&self, key: &str, meta: &BlobMeta) -> Result<(), IndexError> {
         let mut state = self.state();
-        state.lru.insert(meta.access_seq, key.to_owned());
         if let Some(old) = state.blobs.insert(key.to_owned(), *meta) {
             state.lru.remove(&old.access_seq);
         }
+        state.lru.insert(meta.access_seq, key.to_owned());
+        state
+            .ring
+            .insert((ring_position(key), key.to_owned()), meta.identity());
         Ok(())
     }
 
@@ -61,6 +68,7 @@ impl Index for MemoryIndex {
         let removed = state.blobs.remove(key);
         if let Some(meta) = &removed {
             state.lru.remove(&meta.access_seq);
+            state.ring.remove(&(ring_position(key), key.to_owned()));
         }
         Ok(removed)
     }
@@ -82,6 +90,52 @@ impl Index for MemoryIndex {
         Ok(())
     }
 
+    fn visit_ring(
+        &self,
+        first: u64,
+        last: u64,
+        after: RingCursor<'_>,
+        visit: &mut dyn FnMut(u64, &str, &CopyIdentity) -> bool,
+    ) -> Result<(), IndexError> {
+        use std::ops::Bound;
+        let state = self.state();
+        let start = match after {
+            Some((position, key)) if position >= first => {
+                Bound::Excluded((position, key.to_owned()))
+            }
+            _ => Bound::Included((first, String::new())),
+        };
+        for ((position, key), copy) in state.ring.range((start, Bound::Unbounded)) {
+            if *position > last || !visit(*position, key, copy) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn ring_is_built(&self) -> Result<bool, IndexError> {
+        Ok(true)
+    }
+
+    fn rebuild_ring(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+
+    fn mark_evicted(&self, key: &str, mark: &EvictionMark) -> Result<(), IndexError> {
+        self.state().evicted.insert(key.to_owned(), *mark);
+        Ok(())
+    }
+
+    fn eviction_mark(&self, key: &str) -> Result<Option<EvictionMark>, IndexError> {
+        Ok(self.state().evicted.get(key).copied())
+    }
+
+    fn purge_eviction_marks(&self, before_ms: u64) -> Result<u64, IndexError> {
+        let mut state = self.state();
+        state.evicted.retain(|_, m| m.at_ms >= before_ms);
+        Ok(state.evicted.len() as u64)
+    }
+
     fn next_seq(&self) -> Result<u64, IndexError> {
         let mut state = self.state();
         state.seq += 1;
@@ -98,5 +152,6 @@ mod tests {
     #[test]
     fn behaves_like_an_index() {
         crate::index::contract_tests::check_all(&super::MemoryIndex::new());
+        crate::index::contract_tests::check_ring_order(&super::MemoryIndex::new());
     }
 }

@@ -1,4 +1,4 @@
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The store's own metrics, registered in the node's registry.
 #[derive(Clone)]
@@ -11,6 +11,8 @@ pub(crate) struct StoreMetrics {
     pub evicted_bytes: IntCounterVec,
     pub dropped: IntCounterVec,
     pub write_failures: IntCounterVec,
+    pub eviction_marks: IntGauge,
+    pub eviction_marks_skipped: IntCounter,
 }
 
 impl StoreMetrics {
@@ -54,7 +56,7 @@ impl StoreMetrics {
             )?,
             dropped: counter(
                 "nxcache_store_dropped_total",
-                "Artifacts dropped because their file was corrupt or missing.",
+                "Copies removed other than by eviction, by reason: corrupt or missing file; withdrawn (a refused or losing write), handed_off (to its owners), evicted_elsewhere (another owner evicted it), replaced (lost a conflict), deleted (by hand).",
                 "reason",
             )?,
             write_failures: counter(
@@ -62,6 +64,18 @@ impl StoreMetrics {
                 "Uploads that stored nothing, by reason.",
                 "reason",
             )?,
+            eviction_marks: gauge(
+                "nxcache_store_eviction_marks",
+                "Recent evictions remembered so that repair does not bring them back.",
+            )?,
+            eviction_marks_skipped: {
+                let c = IntCounter::new(
+                    "nxcache_store_eviction_marks_skipped_total",
+                    "Evictions not remembered because the limit of eviction marks was reached.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
         })
     }
 }

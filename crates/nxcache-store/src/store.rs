@@ -1,13 +1,16 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::checksum::Checksum;
+use crate::copy::{
+    CopyIdentity, DeleteReason, EvictionMark, RangeDigest, RingEntry, Version, entry_digest,
+    ring_position,
+};
 use crate::error::StoreError;
 use crate::index::{BlobMeta, Index};
 use crate::key::BlobKey;
@@ -43,6 +46,74 @@ const INLINE_READ_MAX: u64 = 64 * 1024;
 /// "is it there?" and the rename that makes it so are one step for each key.
 const KEY_LOCK_SHARDS: usize = 64;
 
+/// How long this node remembers an eviction (see [`EvictionMark`]): long enough for
+/// anti-entropy to meet every owner many times, and for a node that was down during the
+/// eviction to come back; after that a copy found elsewhere is just a copy again.
+pub const EVICTION_MARK_TTL: Duration = Duration::from_secs(6 * 3600);
+
+/// Eviction marks kept at most; a node evicting faster than this per TTL records no
+/// more (counted), and anti-entropy may then bring such an artifact back once.
+pub const MAX_EVICTION_MARKS: u64 = 1_000_000;
+
+/// How long a copy that another writer of the same bytes counted is spared from its own
+/// writer's withdrawal. Withdrawals follow the write within seconds.
+const CLAIM_TTL_MS: u64 = 10 * 60 * 1000;
+const MAX_CLAIMS: usize = 65_536;
+
+/// Digests of the ring order are kept per bucket of this many top bits of the position:
+/// 65,536 buckets, 1 MiB of memory.
+pub const DIGEST_BUCKET_BITS: u32 = 16;
+const DIGEST_BUCKETS: usize = 1 << DIGEST_BUCKET_BITS;
+const BUCKET_SHIFT: u32 = 64 - DIGEST_BUCKET_BITS;
+
+/// Range digests kept up to date as copies come and go: one XOR and one count per bucket
+/// of ring positions, so the digest of any range aligned to buckets costs one read per
+/// bucket, whatever the number of keys.
+struct RingDigests {
+    xor: Vec<AtomicU64>,
+    count: Vec<AtomicI64>,
+}
+
+impl RingDigests {
+    fn new() -> Self {
+        RingDigests {
+            xor: (0..DIGEST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: (0..DIGEST_BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+        }
+    }
+
+    fn change(&self, key: &str, copy: &CopyIdentity, added: bool) {
+        let b = (ring_position(key) >> BUCKET_SHIFT) as usize;
+        self.xor[b].fetch_xor(entry_digest(key, copy), Ordering::Relaxed);
+        self.count[b].fetch_add(if added { 1 } else { -1 }, Ordering::Relaxed);
+    }
+
+    fn bucket(&self, b: usize) -> RangeDigest {
+        RangeDigest {
+            xor: self.xor[b].load(Ordering::Relaxed),
+            count: self.count[b].load(Ordering::Relaxed).max(0) as u64,
+        }
+    }
+}
+
+fn bucket_first(b: u64) -> u64 {
+    b << BUCKET_SHIFT
+}
+
+fn bucket_last(b: u64) -> u64 {
+    (b << BUCKET_SHIFT) | ((1u64 << BUCKET_SHIFT) - 1)
+}
+
+/// How a write ended when the key was taken meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// This write's copy is stored (new, or replacing the copy it was told to replace).
+    Stored(BlobMeta),
+    /// Another copy holds the key; it is left as it is. When it holds the same bytes it
+    /// is counted for this write and spared from its own writer's withdrawal.
+    Existing(BlobMeta),
+}
+
 #[derive(Default)]
 struct Accounting {
     stored: u64,
@@ -68,10 +139,15 @@ struct Inner {
     /// Told of every blob this store evicted (budget or TTL), so that a cluster can
     /// keep the other copies in step. Called with key locks held: must not block.
     eviction_listener: Mutex<Option<EvictionListener>>,
+    digests: RingDigests,
+    /// Copies that another writer of the same bytes counted: key -> (version, when).
+    claims: Mutex<HashMap<BlobKey, (Version, u64)>>,
+    /// Eviction marks recorded (approximate between purges).
+    marks: AtomicU64,
 }
 
-/// See [`BlobStore::set_eviction_listener`].
-pub type EvictionListener = Arc<dyn Fn(&BlobKey) + Send + Sync>;
+/// See [`BlobStore::set_eviction_listener`]: the key and the copy that was evicted.
+pub type EvictionListener = Arc<dyn Fn(&BlobKey, &BlobMeta) + Send + Sync>;
 
 /// What a scrub found for one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +180,10 @@ enum Removal {
     Ttl,
     Corrupt,
     Missing,
-    /// Asked for: handed off to its owners, or evicted by another owner.
+    /// Dropped locally whatever it held ([`BlobStore::delete`]).
     Deleted,
+    /// Removed on request, by naming the copy.
+    Requested(DeleteReason),
 }
 
 impl Removal {
@@ -116,7 +194,16 @@ impl Removal {
             Removal::Corrupt => "corrupt",
             Removal::Missing => "missing",
             Removal::Deleted => "deleted",
+            Removal::Requested(reason) => reason.label(),
         }
+    }
+
+    /// Removals this node must not see undone by repair.
+    fn is_eviction(self) -> bool {
+        matches!(
+            self,
+            Removal::Budget | Removal::Ttl | Removal::Requested(DeleteReason::Evicted)
+        )
     }
 }
 
@@ -170,6 +257,9 @@ impl BlobStore {
                 tmp_counter: AtomicU64::new(0),
                 pending_touches: Mutex::new(PendingTouches::default()),
                 eviction_listener: Mutex::new(None),
+                digests: RingDigests::new(),
+                claims: Mutex::new(HashMap::new()),
+                marks: AtomicU64::new(0),
             }),
         };
         store.recover(fresh)?;
@@ -194,15 +284,24 @@ impl BlobStore {
         } else if !fresh {
             self.reconcile_files()?;
         }
+        // The ring order is written beside each record, not atomically with it: after a
+        // crash (or on an index from before it existed) it is made to match again.
+        if !was_clean || !self.inner.index.ring_is_built()? {
+            self.inner.index.rebuild_ring()?;
+        }
         let mut acct = Accounting::default();
-        self.inner.index.for_each(&mut |_, meta| {
+        let digests = &self.inner.digests;
+        self.inner.index.for_each(&mut |key, meta| {
             acct.stored += meta.size;
             acct.objects += 1;
+            digests.change(key, &meta.identity(), true);
         })?;
+        let marks = self.purge_eviction_marks()?;
         tracing::info!(
             objects = acct.objects,
             bytes = acct.stored,
             orphan_temp_files = orphans,
+            eviction_marks = marks,
             clean_shutdown = was_clean,
             new_store = fresh,
             "blob store opened"
@@ -283,12 +382,15 @@ impl BlobStore {
             size += n as u64;
         }
         let now = now_ms();
+        let checksum = hasher.finish();
         Ok(BlobMeta {
             size,
-            checksum: hasher.finish(),
+            checksum,
             created_ms: now,
             accessed_ms: now,
             access_seq: self.inner.index.next_seq()?,
+            // Its write's version went with the lost index entry.
+            version: Version::legacy(&checksum),
         })
     }
 
@@ -348,14 +450,162 @@ impl BlobStore {
         *lock(&self.inner.eviction_listener) = Some(listener);
     }
 
-    /// Removes a blob on request (its copy lives elsewhere now). Blocking: index and
-    /// file system. Returns whether there was one.
+    /// Drops the local copy of `key`, whatever it holds. For operators and tests only:
+    /// the cluster removes a replica only by naming it ([`BlobStore::delete_copy`]).
+    /// Blocking: index and file system. Returns whether there was one.
     pub fn delete(&self, key: &BlobKey) -> Result<bool, StoreError> {
         let Some(meta) = self.inner.index.get(key.as_str())? else {
             return Ok(false);
         };
         self.remove_if_current(key, &meta, Removal::Deleted)?;
         Ok(true)
+    }
+
+    /// Removes the copy of `key` only if it is the copy of write `version`; a copy of
+    /// another write (a newer upload, the winner of a conflict) is left alone. A
+    /// withdrawal also spares a copy that another writer of the same bytes counted
+    /// towards its acknowledgement. The check and the removal are one step under the
+    /// key's lock. Blocking. Returns whether the copy was removed.
+    pub fn delete_copy(
+        &self,
+        key: &BlobKey,
+        version: Version,
+        reason: DeleteReason,
+    ) -> Result<bool, StoreError> {
+        let _guard = self.key_lock(key);
+        let Some(current) = self.inner.index.get(key.as_str())? else {
+            return Ok(false);
+        };
+        if current.version != version {
+            return Ok(false);
+        }
+        if reason == DeleteReason::Withdrawn && self.is_claimed(key, version) {
+            tracing::debug!(key = %key, %version, "withdrawal spared a copy another writer counted");
+            return Ok(false);
+        }
+        Ok(self.remove_locked(key, Removal::Requested(reason))? > 0)
+    }
+
+    /// The copy of `key` if it holds `copy`'s bytes, now counted for a writer of those
+    /// bytes (spared from its own writer's withdrawal); otherwise the copy as it is,
+    /// unclaimed. Blocking (takes the key's lock).
+    pub fn claim_if_same(
+        &self,
+        key: &BlobKey,
+        copy: &CopyIdentity,
+    ) -> Result<Option<BlobMeta>, StoreError> {
+        let _guard = self.key_lock(key);
+        let current = self.inner.index.get(key.as_str())?;
+        if let Some(cur) = &current
+            && cur.identity().same_content(copy)
+        {
+            self.claim(key, cur.version);
+        }
+        Ok(current)
+    }
+
+    fn claim(&self, key: &BlobKey, version: Version) {
+        let now = now_ms();
+        let mut claims = lock(&self.inner.claims);
+        if claims.len() >= MAX_CLAIMS {
+            claims.retain(|_, (_, at)| now.saturating_sub(*at) < CLAIM_TTL_MS);
+            if claims.len() >= MAX_CLAIMS
+                && let Some(any) = claims.keys().next().cloned()
+            {
+                claims.remove(&any);
+            }
+        }
+        claims.insert(key.clone(), (version, now));
+    }
+
+    fn is_claimed(&self, key: &BlobKey, version: Version) -> bool {
+        lock(&self.inner.claims)
+            .get(key)
+            .is_some_and(|(v, at)| *v == version && now_ms().saturating_sub(*at) < CLAIM_TTL_MS)
+    }
+
+    /// This node's record of evicting `key`, while it is recent enough to matter.
+    pub fn eviction_mark(&self, key: &BlobKey) -> Result<Option<EvictionMark>, StoreError> {
+        let cutoff = now_ms().saturating_sub(EVICTION_MARK_TTL.as_millis() as u64);
+        Ok(self
+            .inner
+            .index
+            .eviction_mark(key.as_str())?
+            .filter(|m| m.at_ms >= cutoff))
+    }
+
+    /// Forgets eviction marks older than [`EVICTION_MARK_TTL`]. Blocking; walks the marks.
+    pub fn purge_eviction_marks(&self) -> Result<u64, StoreError> {
+        let cutoff = now_ms().saturating_sub(EVICTION_MARK_TTL.as_millis() as u64);
+        let left = self.inner.index.purge_eviction_marks(cutoff)?;
+        self.inner.marks.store(left, Ordering::Relaxed);
+        self.inner.metrics.eviction_marks.set(left as i64);
+        Ok(left)
+    }
+
+    /// The digest of the copies whose ring position lies in `first..=last`: whole
+    /// buckets from the digests kept up to date, the parts of buckets at either end by
+    /// a scan of those parts only. Blocking when a part must be scanned.
+    pub fn ring_digest(&self, first: u64, last: u64) -> Result<RangeDigest, StoreError> {
+        let mut total = RangeDigest::default();
+        if first > last {
+            return Ok(total);
+        }
+        let (fb, lb) = (first >> BUCKET_SHIFT, last >> BUCKET_SHIFT);
+        for b in fb..=lb {
+            let (lo, hi) = (first.max(bucket_first(b)), last.min(bucket_last(b)));
+            if lo == bucket_first(b) && hi == bucket_last(b) {
+                total.add(self.inner.digests.bucket(b as usize));
+            } else {
+                total.add(self.scan_digest(lo, hi)?);
+            }
+        }
+        Ok(total)
+    }
+
+    fn scan_digest(&self, first: u64, last: u64) -> Result<RangeDigest, StoreError> {
+        let mut d = RangeDigest::default();
+        self.inner
+            .index
+            .visit_ring(first, last, None, &mut |_, key, copy| {
+                d.xor ^= entry_digest(key, copy);
+                d.count += 1;
+                true
+            })?;
+        Ok(d)
+    }
+
+    /// Up to `limit` copies in the ring ranges `ranges` (inclusive, ascending, disjoint),
+    /// in ring order, after `after`. Costs the entries returned (and the ranges skipped).
+    /// Blocking.
+    pub fn ring_entries(
+        &self,
+        ranges: &[(u64, u64)],
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RingEntry>, StoreError> {
+        let mut out = Vec::new();
+        for (first, last) in ranges {
+            if out.len() >= limit {
+                break;
+            }
+            let cursor = match after {
+                Some((position, _)) if position > *last => continue,
+                Some((position, key)) if position >= *first => Some((position, key)),
+                _ => None,
+            };
+            self.inner
+                .index
+                .visit_ring(*first, *last, cursor, &mut |position, key, copy| {
+                    out.push(RingEntry {
+                        position,
+                        key: key.to_owned(),
+                        copy: *copy,
+                    });
+                    out.len() < limit
+                })?;
+        }
+        Ok(out)
     }
 
     /// Every stored blob's key and metadata, in key order. Blocking; memory grows with
@@ -419,9 +669,24 @@ impl BlobStore {
     }
 
     /// Starts an upload of exactly `len` bytes, reserving them in the budget (evicting
-    /// least recently used blobs if needed).
+    /// least recently used blobs if needed). The copy gets a new [`Version`].
     pub async fn begin_write(&self, key: BlobKey, len: u64) -> Result<BlobWriter, StoreError> {
-        if self.contains(&key)? {
+        self.begin_copy(key, len, Version::new(), None).await
+    }
+
+    /// Starts storing a copy of write `version` (a replica, or a copy made by repair).
+    /// With `replaces`, the copy of that version is replaced at commit (a conflict
+    /// repair); any other copy of the key makes it fail with [`StoreError::Exists`].
+    pub async fn begin_copy(
+        &self,
+        key: BlobKey,
+        len: u64,
+        version: Version,
+        replaces: Option<Version>,
+    ) -> Result<BlobWriter, StoreError> {
+        if let Some(current) = self.head(&key)?
+            && replaces != Some(current.version)
+        {
             return Err(StoreError::Exists);
         }
         if !self.try_reserve(len)? {
@@ -436,7 +701,14 @@ impl BlobStore {
             .inner
             .layout
             .temp_path(&key, &format!("{}.{n}", std::process::id()));
-        Ok(BlobWriter::new(self.clone(), key, len, tmp_path))
+        Ok(BlobWriter::new(
+            self.clone(),
+            key,
+            len,
+            tmp_path,
+            version,
+            replaces,
+        ))
     }
 
     /// Reserves `len` bytes if they fit without evicting anything.
@@ -501,15 +773,22 @@ impl BlobStore {
         &self,
         key: &BlobKey,
         tmp_path: &Path,
-        len: u64,
-        checksum: Checksum,
-    ) -> Result<BlobMeta, StoreError> {
-        let outcome = self.publish_renamed(key, tmp_path, len, checksum);
-        if let Err(err) = &outcome {
-            let _ = std::fs::remove_file(tmp_path);
-            self.count_write_failure(crate::write::failure_reason(err));
+        copy: CopyIdentity,
+        replaces: Option<Version>,
+    ) -> Result<Committed, StoreError> {
+        let outcome = self.publish_renamed(key, tmp_path, copy, replaces);
+        match &outcome {
+            Ok(Committed::Stored(_)) => {}
+            Ok(Committed::Existing(_)) => {
+                let _ = std::fs::remove_file(tmp_path);
+                self.count_write_failure("exists");
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(tmp_path);
+                self.count_write_failure(crate::write::failure_reason(err));
+            }
         }
-        self.release_reservation(len);
+        self.release_reservation(copy.size);
         outcome
     }
 
@@ -517,30 +796,58 @@ impl BlobStore {
         &self,
         key: &BlobKey,
         tmp_path: &Path,
-        len: u64,
-        checksum: Checksum,
-    ) -> Result<BlobMeta, StoreError> {
+        copy: CopyIdentity,
+        replaces: Option<Version>,
+    ) -> Result<Committed, StoreError> {
         let final_path = self.inner.layout.blob_path(key);
         let now = now_ms();
         let meta = BlobMeta {
-            size: len,
-            checksum,
+            size: copy.size,
+            checksum: copy.checksum,
             created_ms: now,
             accessed_ms: now,
             access_seq: self.inner.index.next_seq()?,
+            version: copy.version,
         };
         {
             let _guard = self.key_lock(key);
-            if self.inner.index.get(key.as_str())?.is_some() {
-                return Err(StoreError::Exists);
-            }
+            let replaced = match self.inner.index.get(key.as_str())? {
+                Some(current) if replaces == Some(current.version) => Some(current),
+                Some(current) => {
+                    if current.identity().same_content(&copy) {
+                        self.claim(key, current.version);
+                    }
+                    return Ok(Committed::Existing(current));
+                }
+                None => None,
+            };
+            // Over the replaced copy's file, if any: readers that opened it keep reading
+            // the old bytes, verified against the old checksum.
             std::fs::rename(tmp_path, &final_path)?;
             if let Err(err) = self.inner.index.insert(key.as_str(), &meta) {
                 let _ = std::fs::remove_file(&final_path);
+                if let Some(old) = replaced {
+                    // The old copy's file is gone with the rename: so is the copy.
+                    let _ = self.inner.index.remove(key.as_str());
+                    self.forget(key, &old);
+                }
                 return Err(err.into());
             }
             let mut acct = lock(&self.inner.accounting);
-            acct.stored += len;
+            if let Some(old) = &replaced {
+                self.inner
+                    .digests
+                    .change(key.as_str(), &old.identity(), false);
+                acct.stored = acct.stored.saturating_sub(old.size);
+                acct.objects = acct.objects.saturating_sub(1);
+                self.inner
+                    .metrics
+                    .dropped
+                    .with_label_values(&["replaced"])
+                    .inc();
+            }
+            self.inner.digests.change(key.as_str(), &copy, true);
+            acct.stored += copy.size;
             acct.objects += 1;
         }
         if self.inner.config.fsync {
@@ -548,7 +855,17 @@ impl BlobStore {
             sync_dir(final_path.parent().expect("blob path has a parent"))?;
         }
         self.publish_gauges();
-        Ok(meta)
+        Ok(Committed::Stored(meta))
+    }
+
+    /// Accounting for a copy that left the index.
+    fn forget(&self, key: &BlobKey, removed: &BlobMeta) {
+        self.inner
+            .digests
+            .change(key.as_str(), &removed.identity(), false);
+        let mut acct = lock(&self.inner.accounting);
+        acct.stored = acct.stored.saturating_sub(removed.size);
+        acct.objects = acct.objects.saturating_sub(1);
     }
 
     /// Opens a blob for reading, or `None` on a miss. A blob whose file is missing,
@@ -685,7 +1002,7 @@ impl BlobStore {
             .map(|_| ())
     }
 
-    /// Removes a blob if the index still describes the same bytes as `seen` (a newer
+    /// Removes a blob if the index still describes the same copy as `seen` (a newer
     /// upload of the key after an eviction must not be removed by a stale decision).
     /// Returns the bytes freed.
     fn remove_if_current(
@@ -697,9 +1014,15 @@ impl BlobStore {
         let _guard = self.key_lock(key);
         match self.inner.index.get(key.as_str())? {
             Some(current)
-                if current.checksum == seen.checksum && current.created_ms == seen.created_ms => {}
+                if current.version == seen.version && current.created_ms == seen.created_ms => {}
             _ => return Ok(0),
         }
+        self.remove_locked(key, why)
+    }
+
+    /// Removes the key's copy; the caller holds the key's lock and checked which copy it
+    /// is. Returns the bytes freed.
+    fn remove_locked(&self, key: &BlobKey, why: Removal) -> Result<u64, StoreError> {
         let Some(removed) = self.inner.index.remove(key.as_str())? else {
             return Ok(0);
         };
@@ -708,11 +1031,7 @@ impl BlobStore {
         {
             tracing::warn!(key = %key, %err, "could not delete an evicted blob file");
         }
-        {
-            let mut acct = lock(&self.inner.accounting);
-            acct.stored = acct.stored.saturating_sub(removed.size);
-            acct.objects = acct.objects.saturating_sub(1);
-        }
+        self.forget(key, &removed);
         let m = &self.inner.metrics;
         match why {
             Removal::Budget | Removal::Ttl => {
@@ -721,18 +1040,41 @@ impl BlobStore {
                     .with_label_values(&[why.label()])
                     .inc_by(removed.size);
             }
-            Removal::Corrupt | Removal::Missing | Removal::Deleted => {
+            _ => {
                 m.dropped.with_label_values(&[why.label()]).inc();
             }
+        }
+        if why.is_eviction() {
+            self.mark_evicted(key, &removed);
         }
         self.publish_gauges();
         if matches!(why, Removal::Budget | Removal::Ttl) {
             let listener = lock(&self.inner.eviction_listener).clone();
             if let Some(listener) = listener {
-                listener(key);
+                listener(key, &removed);
             }
         }
         Ok(removed.size)
+    }
+
+    /// Records the eviction, so that repair does not bring the copy back (best effort:
+    /// past [`MAX_EVICTION_MARKS`], or when the index fails, it is only counted/logged).
+    fn mark_evicted(&self, key: &BlobKey, removed: &BlobMeta) {
+        if self.inner.marks.load(Ordering::Relaxed) >= MAX_EVICTION_MARKS {
+            self.inner.metrics.eviction_marks_skipped.inc();
+            return;
+        }
+        let mark = EvictionMark {
+            copy: removed.identity(),
+            at_ms: now_ms(),
+        };
+        match self.inner.index.mark_evicted(key.as_str(), &mark) {
+            Ok(()) => {
+                let n = self.inner.marks.fetch_add(1, Ordering::Relaxed) + 1;
+                self.inner.metrics.eviction_marks.set(n as i64);
+            }
+            Err(err) => tracing::warn!(key = %key, %err, "could not record an eviction"),
+        }
     }
 
     /// Evicts least recently used blobs until at least `needed` bytes are freed or nothing
@@ -806,14 +1148,21 @@ impl BlobStore {
         tokio::pin!(stop);
         let mut touches = tokio::time::interval(Duration::from_secs(1));
         let mut expiry = tokio::time::interval(expire_every);
+        let mut marks = tokio::time::interval(Duration::from_secs(60));
         touches.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        marks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let store = self.clone();
             tokio::select! {
                 _ = &mut stop => return,
                 _ = touches.tick() => {
                     let _ = tokio::task::spawn_blocking(move || store.apply_accesses()).await;
+                }
+                _ = marks.tick() => {
+                    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || store.purge_eviction_marks()).await {
+                        tracing::warn!(%err, "could not purge old eviction marks");
+                    }
                 }
                 _ = expiry.tick(), if self.inner.config.ttl.is_some() => {
                     match tokio::task::spawn_blocking(move || store.expire_idle()).await {

@@ -5,7 +5,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::{BlobBody, BlobKey, BlobStore, StoreConfig, StoreError};
+use crate::{
+    BlobBody, BlobKey, BlobStore, Committed, CopyIdentity, DeleteReason, StoreConfig, StoreError,
+    Version,
+};
 
 fn config(dir: &std::path::Path, max_bytes: u64) -> StoreConfig {
     StoreConfig {
@@ -419,9 +422,9 @@ async fn delete_and_list_and_the_eviction_listener() {
     let store = open(dir.path(), 25_000);
     let evicted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = evicted.clone();
-    store.set_eviction_listener(std::sync::Arc::new(move |k: &BlobKey| {
-        seen.lock().unwrap().push(k.to_string())
-    }));
+    store.set_eviction_listener(std::sync::Arc::new(
+        move |k: &BlobKey, _: &crate::BlobMeta| seen.lock().unwrap().push(k.to_string()),
+    ));
     for k in ["a", "b", "c"] {
         put(&store, k, &data(10_000, 3)).await.unwrap();
     }
@@ -440,4 +443,268 @@ async fn delete_and_list_and_the_eviction_listener() {
     assert_eq!(evicted.lock().unwrap().len(), 1);
     assert_eq!(store.stats().objects, 1);
     assert_eq!(store.stats().stored_bytes, 10_000);
+}
+
+/// Stores `data` under `k` as a copy of write `version`, replacing `replaces` if given.
+async fn put_copy(
+    store: &BlobStore,
+    k: &str,
+    data: &[u8],
+    version: Version,
+    replaces: Option<Version>,
+) -> Result<Committed, StoreError> {
+    let mut w = store
+        .begin_copy(key(k), data.len() as u64, version, replaces)
+        .await?;
+    w.write(Bytes::copy_from_slice(data)).await?;
+    w.finish(Some(crate::checksum_of(data))).await
+}
+
+#[tokio::test]
+async fn a_copy_is_deleted_only_by_naming_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 20);
+    let (old, new) = (Version::new(), Version::new());
+    put_copy(&store, "k", &data(100, 1), old, None)
+        .await
+        .unwrap();
+    assert_eq!(store.head(&key("k")).unwrap().unwrap().version, old);
+    // Gone and written again by another writer: a decision about the old copy cannot
+    // touch the new one.
+    assert!(
+        store
+            .delete_copy(&key("k"), old, DeleteReason::HandedOff)
+            .unwrap()
+    );
+    put_copy(&store, "k", &data(100, 2), new, None)
+        .await
+        .unwrap();
+    for reason in [
+        DeleteReason::Withdrawn,
+        DeleteReason::HandedOff,
+        DeleteReason::Evicted,
+    ] {
+        assert!(!store.delete_copy(&key("k"), old, reason).unwrap());
+    }
+    assert_eq!(get(&store, "k").await.unwrap().unwrap(), data(100, 2));
+    assert!(
+        store
+            .delete_copy(&key("k"), new, DeleteReason::HandedOff)
+            .unwrap()
+    );
+    assert!(get(&store, "k").await.is_none());
+}
+
+#[tokio::test]
+async fn a_withdrawal_spares_a_copy_another_writer_of_the_same_bytes_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 20);
+    let (first, second) = (Version::new(), Version::new());
+    let body = data(5000, 7);
+    put_copy(&store, "k", &body, first, None).await.unwrap();
+    // A second writer of the same bytes finds the first copy and counts it.
+    match put_copy(&store, "k", &body, second, None).await {
+        Err(StoreError::Exists) => {
+            let copy = CopyIdentity {
+                size: body.len() as u64,
+                checksum: crate::checksum_of(&body),
+                version: second,
+            };
+            let held = store.claim_if_same(&key("k"), &copy).unwrap().unwrap();
+            assert_eq!(held.version, first);
+        }
+        other => panic!("expected the first copy to hold the key: {other:?}"),
+    }
+    // The first writer's withdrawal must not take it away from the second.
+    assert!(
+        !store
+            .delete_copy(&key("k"), first, DeleteReason::Withdrawn)
+            .unwrap()
+    );
+    assert!(store.contains(&key("k")).unwrap());
+    // A writer of other bytes claims nothing: a withdrawal of an unclaimed copy goes on.
+    let other = data(5000, 8);
+    put_copy(&store, "j", &body, first, None).await.unwrap();
+    let copy = CopyIdentity {
+        size: other.len() as u64,
+        checksum: crate::checksum_of(&other),
+        version: second,
+    };
+    assert_eq!(
+        store
+            .claim_if_same(&key("j"), &copy)
+            .unwrap()
+            .unwrap()
+            .version,
+        first
+    );
+    assert!(
+        store
+            .delete_copy(&key("j"), first, DeleteReason::Withdrawn)
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_copy_at_commit_finds_the_holder_and_claims_it_only_for_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 20);
+    let body = data(3000, 1);
+    let (a, b, c) = (Version::new(), Version::new(), Version::new());
+    // Two uploads begun before either committed.
+    let mut wb = store.begin_copy(key("k"), 3000, b, None).await.unwrap();
+    let mut wc = store.begin_copy(key("k"), 3000, c, None).await.unwrap();
+    put_copy(&store, "k", &body, a, None).await.unwrap();
+    wb.write(Bytes::from(body.clone())).await.unwrap();
+    match wb.finish(None).await.unwrap() {
+        Committed::Existing(held) => assert_eq!(held.version, a),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !store
+            .delete_copy(&key("k"), a, DeleteReason::Withdrawn)
+            .unwrap()
+    );
+    let other = data(3000, 2);
+    wc.write(Bytes::from(other)).await.unwrap();
+    assert!(matches!(
+        wc.finish(None).await.unwrap(),
+        Committed::Existing(_)
+    ));
+    assert_eq!(store.stats().reserved_bytes, 0);
+}
+
+#[tokio::test]
+async fn a_conflict_repair_replaces_only_the_named_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 20);
+    let (loser, winner, other) = (Version::new(), Version::new(), Version::new());
+    put_copy(&store, "k", &data(100, 1), loser, None)
+        .await
+        .unwrap();
+    let before = store.ring_digest(0, u64::MAX).unwrap();
+    // Naming a version the key does not hold: refused.
+    assert!(matches!(
+        put_copy(&store, "k", &data(300, 2), winner, Some(other)).await,
+        Err(StoreError::Exists)
+    ));
+    put_copy(&store, "k", &data(300, 2), winner, Some(loser))
+        .await
+        .unwrap();
+    assert_eq!(get(&store, "k").await.unwrap().unwrap(), data(300, 2));
+    let meta = store.head(&key("k")).unwrap().unwrap();
+    assert_eq!((meta.version, meta.size), (winner, 300));
+    assert_eq!(store.stats().objects, 1);
+    assert_eq!(store.stats().stored_bytes, 300);
+    assert_ne!(store.ring_digest(0, u64::MAX).unwrap(), before);
+    // And it survives a restart as it is.
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 1 << 20);
+    assert_eq!(store.head(&key("k")).unwrap().unwrap().version, winner);
+    assert_eq!(store.stats().stored_bytes, 300);
+}
+
+#[tokio::test]
+async fn range_digests_are_kept_up_to_date_and_match_a_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1 << 30);
+    for n in 0..300 {
+        put(&store, &format!("k{n}"), &data(10 + n, n as u8))
+            .await
+            .unwrap();
+    }
+    let scan = |store: &BlobStore, first: u64, last: u64| {
+        let mut d = crate::RangeDigest::default();
+        for e in store
+            .ring_entries(&[(first, last)], None, usize::MAX)
+            .unwrap()
+        {
+            d.add(crate::RangeDigest {
+                xor: crate::entry_digest(&e.key, &e.copy),
+                count: 1,
+            });
+        }
+        d
+    };
+    let whole = store.ring_digest(0, u64::MAX).unwrap();
+    assert_eq!(whole.count, 300);
+    assert_eq!(whole, scan(&store, 0, u64::MAX));
+    // Ranges that cut buckets anywhere agree with a scan of the same range.
+    for (first, last) in [
+        (0, 1),
+        (12_345_678_901, 9_876_543_210_123_456_789),
+        (1 << 63, u64::MAX),
+        (u64::MAX / 3, u64::MAX / 3 + (1 << 40)),
+    ] {
+        assert_eq!(
+            store.ring_digest(first, last).unwrap(),
+            scan(&store, first, last)
+        );
+    }
+    // Removal, eviction and a restart keep digests and order in step.
+    store.delete(&key("k7")).unwrap();
+    let after = store.ring_digest(0, u64::MAX).unwrap();
+    assert_eq!(after.count, 299);
+    assert_eq!(after, scan(&store, 0, u64::MAX));
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 1 << 30);
+    assert_eq!(store.ring_digest(0, u64::MAX).unwrap(), after);
+    // Pages of entries: in ring order, resumed after a cursor, nothing twice.
+    let mut seen = Vec::new();
+    let mut cursor: Option<(u64, String)> = None;
+    loop {
+        let page = store
+            .ring_entries(
+                &[(0, u64::MAX / 2), (u64::MAX / 2 + 1, u64::MAX)],
+                cursor.as_ref().map(|(p, k)| (*p, k.as_str())),
+                17,
+            )
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.position, last.key.clone()));
+        seen.extend(page.into_iter().map(|e| (e.position, e.key)));
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen, sorted);
+    assert_eq!(seen.len(), 299);
+}
+
+#[tokio::test]
+async fn evictions_are_remembered_and_requested_deletes_are_not_evictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 25_000);
+    for k in ["a", "b", "c"] {
+        put(&store, k, &data(10_000, 3)).await.unwrap();
+    }
+    // "a" was evicted to make room for "c": remembered, naming that copy.
+    let mark = store.eviction_mark(&key("a")).unwrap().unwrap();
+    assert_eq!(mark.copy.size, 10_000);
+    assert!(store.eviction_mark(&key("b")).unwrap().is_none());
+    // Another owner's eviction, passed on: remembered too. A hand-off is not.
+    let b = store.head(&key("b")).unwrap().unwrap();
+    assert!(
+        store
+            .delete_copy(&key("b"), b.version, DeleteReason::Evicted)
+            .unwrap()
+    );
+    assert_eq!(
+        store.eviction_mark(&key("b")).unwrap().unwrap().copy,
+        b.identity()
+    );
+    let c = store.head(&key("c")).unwrap().unwrap();
+    assert!(
+        store
+            .delete_copy(&key("c"), c.version, DeleteReason::HandedOff)
+            .unwrap()
+    );
+    assert!(store.eviction_mark(&key("c")).unwrap().is_none());
+    // Marks survive a restart.
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 25_000);
+    assert_eq!(store.eviction_mark(&key("a")).unwrap(), Some(mark));
 }

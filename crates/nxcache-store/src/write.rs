@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use bytes::Bytes;
 
 use crate::checksum::{Checksum, ChecksumHasher};
+use crate::copy::{CopyIdentity, Version};
 use crate::error::StoreError;
 use crate::index::BlobMeta;
 use crate::key::BlobKey;
-use crate::store::BlobStore;
+use crate::store::{BlobStore, Committed};
 
 /// Bytes gathered before they go to disk in one blocking call. Large enough that a
 /// typical artifact is written, synced and published in a single hop to the blocking
@@ -33,6 +34,8 @@ pub struct BlobWriter {
     /// handle was lost to a failed write: dropping the writer removes it.
     pub(crate) may_be_on_disk: bool,
     pub(crate) finished: bool,
+    pub(crate) version: Version,
+    pub(crate) replaces: Option<Version>,
 }
 
 impl BlobWriter {
@@ -41,6 +44,8 @@ impl BlobWriter {
         key: BlobKey,
         expected_len: u64,
         tmp_path: PathBuf,
+        version: Version,
+        replaces: Option<Version>,
     ) -> Self {
         BlobWriter {
             store,
@@ -54,11 +59,18 @@ impl BlobWriter {
             tmp_path,
             may_be_on_disk: false,
             finished: false,
+            version,
+            replaces,
         }
     }
 
     pub fn key(&self) -> &BlobKey {
         &self.key
+    }
+
+    /// The version the copy will carry.
+    pub fn version(&self) -> Version {
+        self.version
     }
 
     pub fn written(&self) -> u64 {
@@ -117,16 +129,18 @@ impl BlobWriter {
     /// Makes the blob durable (per the fsync policy) and visible. Fails with
     /// [`StoreError::Exists`] when another upload of the same key committed first.
     pub async fn commit(self) -> Result<BlobMeta, StoreError> {
-        self.commit_checked(None).await
+        stored(self.finish(None).await?)
     }
 
     /// Like [`BlobWriter::commit`], but publishes only if the bytes have the checksum the
     /// sender computed (replica transfers): a blob damaged on the way is never stored.
     pub async fn commit_verified(self, expected: Checksum) -> Result<BlobMeta, StoreError> {
-        self.commit_checked(Some(expected)).await
+        stored(self.finish(Some(expected)).await?)
     }
 
-    async fn commit_checked(mut self, expected: Option<Checksum>) -> Result<BlobMeta, StoreError> {
+    /// Like [`BlobWriter::commit_verified`] (when `expected` is given), telling which copy
+    /// holds the key when another one got there first.
+    pub async fn finish(mut self, expected: Option<Checksum>) -> Result<Committed, StoreError> {
         if self.written != self.expected_len {
             self.store.count_write_failure("length");
             return Err(StoreError::LengthMismatch {
@@ -140,12 +154,18 @@ impl BlobWriter {
             return Err(StoreError::ChecksumMismatch);
         }
         let (chunks, file) = (std::mem::take(&mut self.pending), self.file.take());
-        let (store, key, path, len) = (
+        let (store, key, path, len, replaces) = (
             self.store.clone(),
             self.key.clone(),
             self.tmp_path.clone(),
             self.expected_len,
+            self.replaces,
         );
+        let copy = CopyIdentity {
+            size: len,
+            checksum,
+            version: self.version,
+        };
         // From here on the blocking task owns the temp file and the reservation.
         self.finished = true;
         // One hop to the blocking pool: last bytes, fsync, rename, index.
@@ -162,7 +182,7 @@ impl BlobWriter {
                 Ok::<_, std::io::Error>(())
             })();
             match written {
-                Ok(()) => store.publish_blocking(&key, &path, len, checksum),
+                Ok(()) => store.publish_blocking(&key, &path, copy, replaces),
                 Err(err) => {
                     let _ = std::fs::remove_file(&path);
                     store.release_reservation(len);
@@ -174,6 +194,13 @@ impl BlobWriter {
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+}
+
+fn stored(outcome: Committed) -> Result<BlobMeta, StoreError> {
+    match outcome {
+        Committed::Stored(meta) => Ok(meta),
+        Committed::Existing(_) => Err(StoreError::Exists),
     }
 }
 

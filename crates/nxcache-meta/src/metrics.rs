@@ -68,9 +68,12 @@ impl MetaMetrics {
             term: gauge("nxcache_raft_term", "Current Raft term.")?,
             leader: gauge(
                 "nxcache_raft_leader_id",
-                "Node id of the current leader, -1 when none is known.",
+                "Node id of the current leader, -1 when none is known (a leader that lost its quorum counts as none).",
             )?,
-            is_leader: gauge("nxcache_raft_is_leader", "1 on the leader, 0 elsewhere.")?,
+            is_leader: gauge(
+                "nxcache_raft_is_leader",
+                "1 on the leader while a quorum acknowledges it, 0 elsewhere.",
+            )?,
             has_leader: gauge(
                 "nxcache_raft_has_leader",
                 "1 while this node knows a Raft leader; 0 while it is cut off (it serves from its own tokens and data, and receives no revocation).",
@@ -120,14 +123,14 @@ impl MetaMetrics {
     pub(crate) fn update(
         &self,
         m: &openraft::RaftMetrics<NodeId, crate::types::MemberNode>,
+        leader: Option<NodeId>,
         ring_epoch: u64,
         snapshot_bytes: u64,
     ) {
         self.term.set(m.current_term as i64);
-        self.leader.set(m.current_leader.map_or(-1, |l| l as i64));
-        self.is_leader
-            .set(i64::from(m.current_leader == Some(m.id)));
-        self.has_leader.set(i64::from(m.current_leader.is_some()));
+        self.leader.set(leader.map_or(-1, |l| l as i64));
+        self.is_leader.set(i64::from(leader == Some(m.id)));
+        self.has_leader.set(i64::from(leader.is_some()));
         self.snapshot_bytes.set(snapshot_bytes as i64);
         self.last_log_index
             .set(m.last_log_index.map_or(0, |i| i as i64));

@@ -181,6 +181,8 @@ pub(crate) struct Inner {
     pub(crate) seeded: AtomicBool,
     /// Since when this node has known no leader (`None` while it knows one).
     pub(crate) leaderless_since: Mutex<Option<Instant>>,
+    /// A leader that no quorum acknowledged for this long leads nothing.
+    pub(crate) quorum_lapse: Duration,
 }
 
 impl MetaNode {
@@ -279,6 +281,7 @@ impl MetaNode {
                 membership_lock: tokio::sync::Mutex::new(()),
                 seeded: AtomicBool::new(seeded),
                 leaderless_since: Mutex::new(Some(Instant::now())),
+                quorum_lapse: config.timing.election_max,
             }),
         };
         let grpc_metrics = GrpcServerMetrics::register(registry).map_err(|e| storage(&e))?;
@@ -391,13 +394,14 @@ impl MetaNode {
                     let m = watch.borrow_and_update().clone();
                     let store = &node.inner.store;
                     let epoch = store.with_header(|h| h.cluster.ring_epoch());
-                    metrics.update(&m, epoch, store.snapshot_bytes());
+                    let leader = node.effective_leader(&m);
+                    metrics.update(&m, leader, epoch, store.snapshot_bytes());
                     let mut since = node
                         .inner
                         .leaderless_since
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
-                    match (m.current_leader, *since) {
+                    match (leader, *since) {
                         (Some(_), Some(_)) => *since = None,
                         (None, None) => *since = Some(Instant::now()),
                         _ => {}
@@ -477,6 +481,22 @@ impl MetaNode {
             return Err("the tokens from the environment are not applied yet".into());
         }
         Ok(())
+    }
+
+    /// The leader this node can count on: the one it follows, or itself while a quorum
+    /// acknowledges it (an isolated leader keeps its role in openraft until it hears of a
+    /// newer term, but leads nothing).
+    pub(crate) fn effective_leader(
+        &self,
+        m: &openraft::RaftMetrics<NodeId, MemberNode>,
+    ) -> Option<NodeId> {
+        match m.current_leader {
+            Some(me) if me == m.id => m
+                .millis_since_quorum_ack
+                .filter(|ms| *ms <= self.inner.quorum_lapse.as_millis() as u64)
+                .map(|_| me),
+            other => other,
+        }
     }
 
     /// How long this node has known no Raft leader; `None` while it knows one.
@@ -581,10 +601,11 @@ impl MetaNode {
                     .unwrap_or_default(),
             })
             .collect();
+        let leader = self.effective_leader(&m);
         ClusterStatus {
             node_id: self.inner.id,
-            leader_id: m.current_leader,
-            leaderless_ms: match m.current_leader {
+            leader_id: leader,
+            leaderless_ms: match leader {
                 Some(_) => None,
                 None => Some(self.leaderless_for().map_or(0, |d| d.as_millis() as u64)),
             },

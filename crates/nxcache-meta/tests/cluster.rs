@@ -819,3 +819,82 @@ async fn a_64_mib_state_reaches_a_joining_node_and_a_node_that_lagged_past_a_pur
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_whose_admission_is_not_committed_never_appears_in_placement() {
+    let mut cluster = Cluster::new(3).await;
+    cluster
+        .wait(
+            "node 1 applied the three members",
+            Duration::from_secs(10),
+            |c| c.node(1).placement().ring.members.len() == 3,
+        )
+        .await;
+    let before = cluster.node(1).placement();
+    assert_eq!(before.ring.members.len(), 3);
+    // Leader 1 alone: the join of node 4 is proposed, never committed.
+    cluster.stop(2).await;
+    cluster.stop(3).await;
+    cluster.wait_leader_among(&[1]).await;
+    let mut joiner = Member::new(4, cluster._tmp.path(), None);
+    start(&mut joiner, false, vec![cluster.members[0].addr.clone()]).await;
+    cluster
+        .wait(
+            "the join is pending on the leader",
+            Duration::from_secs(10),
+            |c| c.node(1).status().members.len() == 4,
+        )
+        .await;
+    // Raft's effective membership has node 4; placement, from the applied state, does not.
+    let placement = cluster.node(1).placement();
+    assert_eq!(placement.ring, before.ring);
+    assert!(!placement.ring.members.contains_key(&4));
+    assert!(placement.addrs.iter().all(|(id, _)| *id != 4));
+    assert_eq!(cluster.node(1).status().ring_epoch, before.ring.epoch);
+    joiner.node.take().unwrap().shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_previous_ring_is_applied_state_and_survives_a_restart() {
+    let mut cluster = Cluster::new(4).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3, 4]).await;
+    cluster
+        .wait(
+            "every node applied the four members",
+            Duration::from_secs(10),
+            |c| c.running().all(|n| n.placement().ring.members.len() == 4),
+        )
+        .await;
+    let before = cluster.node(leader).placement();
+    let drained = [1, 2, 3, 4].into_iter().find(|id| *id != leader).unwrap();
+    cluster
+        .node(leader)
+        .write(MetaCommand::SetMemberState {
+            id: drained,
+            state: nxcache_meta::MemberState::Draining,
+        })
+        .await
+        .unwrap();
+    let expected = cluster.node(leader).placement();
+    assert_eq!(expected.ring.epoch, before.ring.epoch + 1);
+    assert_eq!(expected.previous_ring.as_ref(), Some(&before.ring));
+    cluster
+        .wait(
+            "every node applied the drain",
+            Duration::from_secs(10),
+            |c| c.running().all(|n| n.placement().ring == expected.ring),
+        )
+        .await;
+    let other = [1, 2, 3, 4]
+        .into_iter()
+        .find(|id| *id != leader && *id != drained)
+        .unwrap();
+    cluster.stop(other).await;
+    cluster.restart(other).await;
+    // From its own disk, before it hears from anyone.
+    let restarted = cluster.node(other).placement();
+    assert_eq!(restarted.ring, expected.ring);
+    assert_eq!(restarted.previous_ring, expected.previous_ring);
+    cluster.shutdown().await;
+}

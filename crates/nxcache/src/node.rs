@@ -374,8 +374,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         config.cluster.clone(),
         stop_rx.clone(),
     ));
-    if config.cluster.bootstrap {
-        // A new cluster's first requests already see its settings.
+    if config.cluster.bootstrap || meta.readiness().is_ok() {
+        // A new cluster's first requests already see its settings; a restarted node has
+        // compared its flags before it serves. A joining node does it once it joined.
         let _ = tokio::time::timeout(Duration::from_secs(30), async {
             while !settling.is_finished() {
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -337,8 +337,8 @@ impl StateStore {
                 let record: TokenRecord = serde_json::from_slice(&value).map_err(json_err)?;
                 if let Some((digest, principal)) = principal(&name, &record) {
                     tokens.add_principal(digest, principal);
+                    count += 1;
                 }
-                count += 1;
             }
             batch_bytes += key.len() + value.len();
             batch.insert(key, value);

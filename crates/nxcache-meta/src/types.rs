@@ -94,7 +94,7 @@ impl ClusterSettings {
         }
         if self.write_quorum > r {
             return Err(format!(
-                "the write quorum ({}) cannot exceed the replication factor ({r}); lower the write quorum too, or use 0 for a majority",
+                "the write quorum ({}) cannot exceed the replication factor ({r}); lower the write quorum too, or make it a majority (0, or `--write-quorum majority`)",
                 self.write_quorum
             ));
         }

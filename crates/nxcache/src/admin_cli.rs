@@ -151,11 +151,10 @@ fn yes_no(b: bool) -> &'static str {
 
 fn ring_line(label: &str, ring: &RingView) -> String {
     format!(
-        "{label} epoch {} digest {} ({} copies on {} owners: {})",
+        "{label} epoch {}, digest {}, copies per artifact {}, members {}",
         ring.epoch,
         ring.digest,
         ring.replicas,
-        ring.members.len(),
         ring.members
             .iter()
             .map(u64::to_string)

@@ -28,7 +28,6 @@ struct Member {
     addr: String,
     faults: Faults,
     tls: Option<PeerTls>,
-    timing: RaftTiming,
     node: Option<MetaNode>,
 }
 
@@ -43,7 +42,6 @@ impl Member {
             addr,
             faults: Faults::default(),
             tls,
-            timing: timing(),
             node: None,
         }
     }
@@ -69,7 +67,7 @@ async fn start(member: &mut Member, bootstrap: bool, join: Vec<String>) {
         bootstrap,
         join,
         seed_tokens: BTreeMap::new(),
-        timing: member.timing.clone(),
+        timing: timing(),
         faults: member.faults.clone(),
         peer_services: None,
     };
@@ -90,22 +88,10 @@ impl Cluster {
     }
 
     async fn build(size: u64, max_voters: u32, tls: Option<PeerTls>) -> Cluster {
-        Self::build_with(size, max_voters, tls, timing()).await
-    }
-
-    async fn build_with(
-        size: u64,
-        max_voters: u32,
-        tls: Option<PeerTls>,
-        timing: RaftTiming,
-    ) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut members = Vec::new();
         for id in 1..=size {
-            members.push(Member {
-                timing: timing.clone(),
-                ..Member::new(id, tmp.path(), tls.clone())
-            });
+            members.push(Member::new(id, tmp.path(), tls.clone()));
         }
         let mut cluster = Cluster { members, _tmp: tmp };
         start(&mut cluster.members[0], true, vec![]).await;
@@ -662,7 +648,6 @@ async fn a_node_stops_promptly_while_its_join_cannot_be_committed() {
         addr,
         faults: Faults::default(),
         tls: None,
-        timing: timing(),
         node: None,
     };
     start(&mut joiner, false, vec![cluster.members[0].addr.clone()]).await;
@@ -715,108 +700,6 @@ async fn nodes_sharing_one_seed_list_start_together_as_one_cluster() {
     let cluster = Cluster { members, _tmp: tmp };
     cluster.wait_one_cluster_of(3).await;
     assert_eq!(cluster.wait_leader_among(&[1, 2, 3]).await, 1);
-    cluster.shutdown().await;
-}
-
-/// About 80 MiB of tokens (110,000 of them, each read-from list long), in commands of
-/// under `MAX_COMMAND_BYTES` each.
-fn large_token_table() -> Vec<MetaCommand> {
-    let read_from: Vec<String> = (0..12)
-        .map(|i| format!("namespace-read-from-number-{i:02}-padding-x"))
-        .collect();
-    let mut commands = Vec::new();
-    let mut batch = BTreeMap::new();
-    for i in 0..110_000u32 {
-        let token = TokenRecord {
-            namespace: format!("namespace-of-token-{i:08}-padding-padding"),
-            read_from: read_from.clone(),
-            ..token(&format!("large-state-secret-{i}"), "read")
-        };
-        batch.insert(format!("token-{i:08}-with-a-long-name-padding"), token);
-        if batch.len() == 300 {
-            commands.push(MetaCommand::SeedTokens {
-                tokens: std::mem::take(&mut batch),
-            });
-        }
-    }
-    commands.push(MetaCommand::SeedTokens { tokens: batch });
-    commands
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_64_mib_state_reaches_a_joining_node_and_a_node_that_lagged_past_a_purge() {
-    // Production's heartbeat (each AppendEntries has one heartbeat to be stored and
-    // answered; a debug build on a busy machine needs it), snapshots every 100 entries.
-    let timing = RaftTiming {
-        snapshot_after_entries: 100,
-        ..RaftTiming::default()
-    };
-    let mut cluster = Cluster::build_with(3, 3, None, timing.clone()).await;
-    cluster.wait_leader_among(&[1, 2, 3]).await;
-    // Node 3 lags from here on.
-    cluster.stop(3).await;
-    let commands = large_token_table();
-    for command in commands {
-        let answer = cluster.node(1).write(command).await.unwrap();
-        assert!(matches!(answer, MetaResponse::Seeded { .. }), "{answer:?}");
-    }
-    let leader = cluster.wait_leader_among(&[1, 2]).await;
-    let expected = cluster.node(leader).token_count();
-    assert_eq!(expected, 110_000);
-    // A snapshot of everything (not only of what the last automatic one covered).
-    cluster
-        .node(leader)
-        .raft()
-        .trigger()
-        .snapshot()
-        .await
-        .unwrap();
-    let applied = cluster.node(leader).status().applied_index;
-    cluster
-        .wait(
-            "the leader snapshotted everything and purged its log",
-            Duration::from_secs(300),
-            |c| {
-                let m = c.node(leader).raft().metrics().borrow().clone();
-                m.snapshot.is_some_and(|s| s.index >= applied) && m.purged.is_some()
-            },
-        )
-        .await;
-    let snapshot_bytes = cluster.node(leader).status().snapshot_bytes;
-    assert!(snapshot_bytes >= 64 << 20, "{snapshot_bytes} bytes");
-
-    // A new node joins, and the lagging one comes back: both need the snapshot.
-    let joiner = Member {
-        timing,
-        ..Member::new(4, cluster._tmp.path(), None)
-    };
-    cluster.members.push(joiner);
-    let seed = vec![cluster.members[0].addr.clone()];
-    start(&mut cluster.members[3], false, seed).await;
-    cluster.restart(3).await;
-    cluster
-        .wait(
-            "nodes 3 and 4 hold the whole token table",
-            Duration::from_secs(600),
-            |c| c.node(3).token_count() == expected && c.node(4).token_count() == expected,
-        )
-        .await;
-    let leader = cluster.wait_leader_among(&[1, 2, 3, 4]).await;
-    let table = cluster.node(leader).tokens().unwrap();
-    for id in [3, 4] {
-        let node = cluster.node(id);
-        assert!(
-            node.raft().metrics().borrow().snapshot.is_some(),
-            "node {id} caught up without a snapshot"
-        );
-        assert!(node.tokens().unwrap() == table, "node {id}: another table");
-        // And authentication works from the installed table.
-        let principal = node
-            .authenticator()
-            .authenticate("large-state-secret-109999")
-            .expect("a token of the snapshot authenticates");
-        assert_eq!(principal.read_from.len(), 12);
-    }
     cluster.shutdown().await;
 }
 

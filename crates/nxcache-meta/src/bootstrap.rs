@@ -171,18 +171,57 @@ impl MetaNode {
 
 /// Splits seed tokens into groups whose command stays well below `MAX_COMMAND_BYTES`.
 fn seed_batches(tokens: BTreeMap<String, TokenRecord>) -> Vec<BTreeMap<String, TokenRecord>> {
-    let mut batches = vec![BTreeMap::new()];
+    let mut batches = Vec::new();
+    let mut batch = BTreeMap::new();
     let mut size = 0;
     for (name, token) in tokens {
         let bytes = name.len() + serde_json::to_vec(&token).map_or(0, |t| t.len()) + 8;
-        if size + bytes > MAX_COMMAND_BYTES / 2 && !batches.last().is_none_or(|b| b.is_empty()) {
-            batches.push(BTreeMap::new());
+        if !batch.is_empty() && size + bytes > MAX_COMMAND_BYTES / 2 {
+            batches.push(std::mem::take(&mut batch));
             size = 0;
         }
         size += bytes;
-        if let Some(batch) = batches.last_mut() {
-            batch.insert(name, token);
-        }
+        batch.insert(name, token);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
     }
     batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_environment_tokens_are_seeded_in_commands_that_fit_a_log_entry() {
+        let tokens: BTreeMap<String, TokenRecord> = (0..5000)
+            .map(|i| {
+                let token = TokenRecord {
+                    digest: format!("{i:064x}"),
+                    scope: "read".into(),
+                    created_ms: 1,
+                    namespace: String::new(),
+                    read_from: Vec::new(),
+                };
+                (format!("read-only-{i}"), token)
+            })
+            .collect();
+        let batches = seed_batches(tokens.clone());
+        assert!(batches.len() > 1);
+        for batch in &batches {
+            let command = serde_json::to_vec(&MetaCommand::SeedTokens {
+                tokens: batch.clone(),
+            })
+            .unwrap();
+            assert!(
+                command.len() <= MAX_COMMAND_BYTES,
+                "{} bytes",
+                command.len()
+            );
+        }
+        let rejoined: BTreeMap<_, _> = batches.into_iter().flatten().collect();
+        assert_eq!(rejoined, tokens);
+        assert!(seed_batches(BTreeMap::new()).is_empty());
+    }
 }

@@ -281,3 +281,46 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
         .map_err(|e| self.remote(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    use super::*;
+    use crate::types::MetaCommand;
+
+    fn entry(index: u64, bytes: usize) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(MetaCommand::RevokeToken {
+                name: "x".repeat(bytes),
+            }),
+        }
+    }
+
+    #[test]
+    fn an_append_entries_too_large_for_its_budget_names_how_many_entries_fit() {
+        let request = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: (1..=20).map(|i| entry(i, 200 << 10)).collect(),
+        };
+        assert!(serde_json::to_vec(&request).unwrap().len() > APPEND_BUDGET);
+        let fit = entries_that_fit(&request) as usize;
+        assert_eq!(fit, APPEND_BUDGET / (200 << 10));
+        let smaller = AppendEntriesRequest {
+            entries: request.entries[..fit].to_vec(),
+            ..request
+        };
+        assert!(serde_json::to_vec(&smaller).unwrap().len() <= APPEND_BUDGET);
+        // A single entry always goes, whatever its size.
+        let one = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![entry(1, 2 << 20)],
+        };
+        assert_eq!(entries_that_fit(&one), 1);
+    }
+}

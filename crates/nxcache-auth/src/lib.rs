@@ -1,12 +1,15 @@
 //! Access tokens.
 //!
-//! Tokens are kept only as BLAKE3 digests and compared in constant time, so neither a
-//! memory dump nor response timing gives one away. A token has a name (for logs and
-//! revocation; the secret itself is never logged) and a scope.
+//! Tokens are kept only as BLAKE3 digests, so a memory dump gives none away, and a
+//! presented token is found by its digest, so neither the time a check takes nor its cost
+//! grows with the number of tokens. A token has a name (for logs and revocation; the
+//! secret itself is never logged) and a scope.
 
 mod token_file;
 
 pub use token_file::{generate_token, load_or_create_token};
+
+use std::collections::HashMap;
 
 use subtle::ConstantTimeEq;
 
@@ -120,8 +123,23 @@ pub trait Authenticator: Send + Sync + 'static {
 }
 
 /// What is kept of a token: its BLAKE3 digest.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct Digest(pub [u8; 32]);
+
+/// Constant-time, although nothing depends on it: see [`TokenSet`].
+impl PartialEq for Digest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for Digest {}
+
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
+}
 
 impl Digest {
     pub fn of(secret: &str) -> Self {
@@ -150,10 +168,21 @@ impl std::fmt::Debug for Digest {
     }
 }
 
-/// A fixed set of tokens (from configuration).
+/// The tokens a node accepts, keyed by digest.
+///
+/// A presented token is hashed and its digest looked up in a map: one hash and one
+/// lookup whatever the number of tokens (a linear scan in constant time cost 7 ms per
+/// request with 20,000 tokens). Looking digests up, rather than comparing every one in
+/// constant time, gives nothing away: the map's hashing and bucket comparisons depend
+/// only on BLAKE3 digests, and learning anything about the digest of a guessed token, or
+/// even a stored digest itself, does not help to find a secret that hashes to it (that
+/// would take a BLAKE3 preimage), while a server only ever accepts the secret.
 #[derive(Clone, Default)]
 pub struct TokenSet {
-    entries: Vec<(Digest, Principal)>,
+    /// Usually one principal per digest; two names for one secret (the same value in two
+    /// environment lists) are kept sorted by name, and the first one answers.
+    by_digest: HashMap<Digest, Vec<Principal>>,
+    len: usize,
 }
 
 impl TokenSet {
@@ -170,33 +199,50 @@ impl TokenSet {
         self.add_principal(digest, Principal::new(name, scope));
     }
 
-    /// Adds a token for `principal`, namespaces included.
+    /// Adds a token for `principal`, namespaces included; replaces the token of the same
+    /// name under the same digest.
     pub fn add_principal(&mut self, digest: Digest, principal: Principal) {
-        self.entries.push((digest, principal));
+        let names = self.by_digest.entry(digest).or_default();
+        match names.binary_search_by(|p| p.name.cmp(&principal.name)) {
+            Ok(i) => names[i] = principal,
+            Err(i) => {
+                names.insert(i, principal);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Removes the token `name` stored under `digest`; false if there was none.
+    pub fn remove(&mut self, digest: &Digest, name: &str) -> bool {
+        let Some(names) = self.by_digest.get_mut(digest) else {
+            return false;
+        };
+        let Ok(i) = names.binary_search_by(|p| p.name.as_str().cmp(name)) else {
+            return false;
+        };
+        names.remove(i);
+        if names.is_empty() {
+            self.by_digest.remove(digest);
+        }
+        self.len -= 1;
+        true
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 }
 
 impl Authenticator for TokenSet {
     fn authenticate(&self, secret: &str) -> Option<Principal> {
-        let presented = Digest::of(secret);
-        // Visit every entry whatever matches, so the time taken says nothing about which
-        // (or whether any) token matched.
-        let mut found: Option<&Principal> = None;
-        for (digest, principal) in &self.entries {
-            let equal: bool = digest.0.ct_eq(&presented.0).into();
-            if equal && found.is_none() {
-                found = Some(principal);
-            }
-        }
-        found.cloned()
+        self.by_digest
+            .get(&Digest::of(secret))
+            .and_then(|names| names.first())
+            .cloned()
     }
 }
 
@@ -267,10 +313,44 @@ mod tests {
     #[test]
     fn digests_not_secrets_are_kept() {
         let s = set();
-        let debug = format!(
-            "{:?}",
-            s.entries.iter().map(|(d, _)| d.0).collect::<Vec<_>>()
-        );
+        let debug = format!("{:?}", s.by_digest.keys().map(|d| d.0).collect::<Vec<_>>());
         assert!(!debug.contains("rw-secret"));
+    }
+
+    #[test]
+    fn tokens_are_found_by_digest_among_a_hundred_thousand() {
+        let mut s = TokenSet::new();
+        for i in 0..100_000 {
+            s.add(format!("t{i}"), &format!("secret-{i}"), Scope::Read);
+        }
+        assert_eq!(s.len(), 100_000);
+        for i in [0, 1, 49_999, 99_999] {
+            assert_eq!(
+                s.authenticate(&format!("secret-{i}")).unwrap().name,
+                format!("t{i}")
+            );
+        }
+        assert!(s.authenticate("secret-100000").is_none());
+        assert!(s.remove(&Digest::of("secret-7"), "t7"));
+        assert!(!s.remove(&Digest::of("secret-7"), "t7"));
+        assert!(s.authenticate("secret-7").is_none());
+        assert_eq!(s.len(), 99_999);
+    }
+
+    #[test]
+    fn one_secret_under_two_names_answers_as_the_first_until_it_goes() {
+        let mut s = TokenSet::new();
+        s.add("read-write-1", "same", Scope::ReadWrite);
+        s.add("admin-1", "same", Scope::Admin);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.authenticate("same").unwrap().name, "admin-1");
+        // Re-adding a name replaces it, it does not count twice.
+        s.add("admin-1", "same", Scope::Read);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.authenticate("same").unwrap().scope, Scope::Read);
+        assert!(s.remove(&Digest::of("same"), "admin-1"));
+        assert_eq!(s.authenticate("same").unwrap().name, "read-write-1");
+        assert!(s.remove(&Digest::of("same"), "read-write-1"));
+        assert!(s.is_empty() && s.authenticate("same").is_none());
     }
 }

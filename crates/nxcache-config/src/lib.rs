@@ -170,7 +170,9 @@ pub struct ServeArgs {
         value_name = "SECRET"
     )]
     pub cluster_secret: Option<Secret>,
-    /// Voting members of the metadata log: 3 or 5; further members are learners [default: 3]
+    /// Voting members of the metadata log: 3 or 5; further members are learners. A cluster
+    /// setting, taken from the node that creates the cluster; later `nxcache admin settings
+    /// set` [default: 3]
     #[arg(long, env = "NXCACHE_MAX_VOTERS", value_name = "3|5")]
     pub max_voters: Option<u32>,
     /// Mutual TLS between nodes: this node's PEM certificate (with --peer-tls-key and
@@ -183,16 +185,17 @@ pub struct ServeArgs {
     /// PEM certificate of the CA that signs every node's certificate
     #[arg(long, env = "NXCACHE_PEER_TLS_CA", value_name = "FILE")]
     pub peer_tls_ca: Option<PathBuf>,
-    /// Copies kept of each artifact, capped by the member count; a cluster setting,
-    /// written when given [default: 3]
+    /// Copies kept of each artifact, capped by the member count. A cluster setting, taken
+    /// from the node that creates the cluster; later `nxcache admin settings set` [default: 3]
     #[arg(long, env = "NXCACHE_REPLICATION_FACTOR", value_name = "N")]
     pub replication_factor: Option<u32>,
-    /// Copies that must be stored before a PUT is acknowledged; a cluster setting
-    /// [default: a majority of the replication factor]
+    /// Copies that must be stored before a PUT is acknowledged. A cluster setting, like
+    /// --replication-factor [default: a majority of the replication factor]
     #[arg(long, env = "NXCACHE_WRITE_QUORUM", value_name = "N")]
     pub write_quorum: Option<u32>,
     /// When fewer nodes than the write quorum can take a PUT: `serve` stores it on those
-    /// that can (repaired later), `strict` answers 503; a cluster setting [default: serve]
+    /// that can (repaired later), `strict` answers 503. A cluster setting, like
+    /// --replication-factor [default: serve]
     #[arg(long, env = "NXCACHE_ON_DEGRADED", value_name = "serve|strict")]
     pub on_degraded: Option<String>,
     /// Time between anti-entropy passes (replicas compared and repaired) [default: 60s]
@@ -308,11 +311,12 @@ pub struct ClusterConfig {
     pub join: Vec<String>,
     /// `None`: no secret configured (a bootstrapping node generates one).
     pub secret: Option<Secret>,
-    /// Cluster setting to write at start, when given (the cluster's default is 3).
+    /// Cluster settings for a new cluster (a node of an existing one only compares them
+    /// with the cluster's and warns). The cluster's default is 3.
     pub max_voters: Option<u32>,
     /// Mutual TLS between nodes.
     pub peer_tls: Option<PeerTlsFiles>,
-    /// Cluster settings to write at start, when given.
+    /// Cluster settings for a new cluster, like `max_voters`.
     pub replication_factor: Option<u32>,
     pub write_quorum: Option<u32>,
     /// `serve` or `strict`.

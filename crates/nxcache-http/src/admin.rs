@@ -21,6 +21,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct StatusView {
     pub node_id: u64,
     pub leader_id: Option<u64>,
+    /// Milliseconds this node has known no leader; absent while it knows one. Such a
+    /// node serves from its own tokens and data; revocations reach it when it reconnects.
+    #[serde(default)]
+    pub leaderless_ms: Option<u64>,
     pub term: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
@@ -28,9 +32,73 @@ pub struct StatusView {
     pub commit_index: u64,
     pub ring_epoch: u64,
     pub members: Vec<MemberView>,
+    /// Tokens in this node's applied table.
+    #[serde(default)]
+    pub tokens: u64,
+    /// Size of this node's metadata snapshot.
+    #[serde(default)]
+    pub snapshot_bytes: u64,
+    /// The cluster settings this node applied.
+    #[serde(default)]
+    pub settings: Option<SettingsView>,
+    /// The ring this node places artifacts by (filled in by the handler).
+    #[serde(default)]
+    pub ring: Option<RingView>,
+    /// The ring before the last change, which reads fall back to while data moves.
+    #[serde(default)]
+    pub previous_ring: Option<RingView>,
     /// The data plane as this node sees it (filled in by the handler).
     #[serde(default)]
     pub data: Option<DataStatus>,
+}
+
+/// One ring epoch as a node uses it. Nodes that show the same epoch show the same
+/// digest: it hashes exactly what the ring is built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingView {
+    pub epoch: u64,
+    pub digest: String,
+    /// Copies of each key on this ring (the setting, capped by the member count).
+    pub replicas: usize,
+    /// The members that own data on it.
+    pub members: Vec<u64>,
+}
+
+impl RingView {
+    pub fn of(ring: &nxcache_placement::Ring) -> Self {
+        RingView {
+            epoch: ring.epoch(),
+            digest: ring.digest_hex(),
+            replicas: ring.replicas(),
+            members: ring.members().collect(),
+        }
+    }
+}
+
+/// The cluster settings (`nxcache admin settings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsView {
+    /// Copies kept of each artifact (capped by the member count).
+    pub replication_factor: u32,
+    /// Copies stored before a PUT is acknowledged; 0: a majority of the copies.
+    pub write_quorum: u32,
+    /// `serve` or `strict`.
+    pub on_degraded: String,
+    pub max_voters: u32,
+}
+
+/// A change of cluster settings: the fields given change, the others stay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_quorum: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_degraded: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_voters: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -131,6 +199,8 @@ pub struct NewToken {
 
 #[derive(Debug)]
 pub enum AdminError {
+    /// The request asks for something the cluster refuses (validation): 400.
+    Invalid(String),
     NotFound(String),
     Conflict(String),
     Unavailable(String),
@@ -140,6 +210,7 @@ pub enum AdminError {
 impl From<AdminError> for ApiError {
     fn from(err: AdminError) -> Self {
         match err {
+            AdminError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
             AdminError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
             AdminError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             AdminError::Unavailable(m) => {
@@ -152,10 +223,17 @@ impl From<AdminError> for ApiError {
 
 /// What the admin API and readiness need from the cluster layer.
 pub trait ClusterControl: Send + Sync + 'static {
-    /// Ok when this node can serve: cluster joined, leader known, tokens applied.
+    /// Ok when this node can serve: it holds the cluster's state and its tokens (a leader
+    /// is not needed).
     fn readiness(&self) -> Result<(), String>;
     fn status(&self) -> BoxFuture<'_, StatusView>;
-    fn tokens(&self) -> Vec<TokenView>;
+    fn tokens(&self) -> BoxFuture<'_, Result<Vec<TokenView>, AdminError>>;
+    fn settings(&self) -> SettingsView;
+    /// Changes cluster settings through the log; the answer is the settings afterwards.
+    fn update_settings(
+        &self,
+        update: SettingsUpdate,
+    ) -> BoxFuture<'_, Result<SettingsView, AdminError>>;
     /// Creates a token and returns its secret.
     fn create_token(&self, spec: TokenSpec) -> BoxFuture<'_, Result<String, AdminError>>;
     fn revoke_token(&self, name: String) -> BoxFuture<'_, Result<(), AdminError>>;
@@ -173,6 +251,9 @@ pub(crate) async fn status(
 ) -> Result<Response, ApiError> {
     admin(&state, &headers)?;
     let mut status = state.cluster.status().await;
+    let view = state.data.view();
+    status.ring = Some(RingView::of(&view.ring));
+    status.previous_ring = view.previous.as_ref().map(RingView::of);
     status.data = Some(data_status(&state.data));
     Ok(Json(status).into_response())
 }
@@ -190,7 +271,41 @@ pub(crate) async fn list_tokens(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admin(&state, &headers)?;
-    Ok(Json(state.cluster.tokens()).into_response())
+    Ok(Json(state.cluster.tokens().await?).into_response())
+}
+
+pub(crate) async fn settings(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&state, &headers)?;
+    Ok(Json(state.cluster.settings()).into_response())
+}
+
+pub(crate) async fn update_settings(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Json<SettingsUpdate>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let actor = admin(&state, &headers)?;
+    let Json(update) = body.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Expected a JSON body with any of replication_factor, write_quorum (0: a majority), on_degraded (serve|strict), max_voters: {e}"
+            ),
+        )
+    })?;
+    if update == SettingsUpdate::default() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Nothing to change: give replication_factor, write_quorum, on_degraded or max_voters.",
+        ));
+    }
+    let before = state.cluster.settings();
+    let after = state.cluster.update_settings(update).await?;
+    tracing::info!(target: "audit", action = "settings.set", actor = %actor, ?before, ?after, "admin action");
+    Ok(Json(after).into_response())
 }
 
 #[derive(Deserialize)]

@@ -25,8 +25,8 @@ use nxcache_auth::Authenticator;
 use nxcache_replication::DataPlane;
 
 pub use admin::{
-    AdminError, BoxFuture, ClusterControl, DataStatus, MemberView, NewToken, StatusView, TokenSpec,
-    TokenView, WorkerView,
+    AdminError, BoxFuture, ClusterControl, DataStatus, MemberView, NewToken, RingView,
+    SettingsUpdate, SettingsView, StatusView, TokenSpec, TokenView, WorkerView,
 };
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
@@ -112,6 +112,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/admin/v1/status", get(admin::status))
         .route("/admin/v1/nodes", get(admin::nodes))
+        .route(
+            "/admin/v1/settings",
+            get(admin::settings).put(admin::update_settings),
+        )
         .route(
             "/admin/v1/nodes/{id}",
             axum::routing::delete(admin::remove_node),

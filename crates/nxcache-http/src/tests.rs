@@ -12,8 +12,8 @@ use nxcache_store::{BlobStore, StoreConfig};
 use tower::ServiceExt;
 
 use crate::{
-    AdminError, ApiConfig, ApiState, BoxFuture, ClusterControl, HttpMetrics, Readiness, StatusView,
-    TokenView, router,
+    AdminError, ApiConfig, ApiState, BoxFuture, ClusterControl, HttpMetrics, Readiness,
+    SettingsUpdate, SettingsView, StatusView, TokenView, router,
 };
 
 /// A cluster of one that is always ready and keeps no tokens.
@@ -34,12 +34,39 @@ impl ClusterControl for NoCluster {
                 commit_index: 1,
                 ring_epoch: 1,
                 members: vec![],
+                leaderless_ms: None,
+                tokens: 0,
+                snapshot_bytes: 0,
+                settings: None,
+                ring: None,
+                previous_ring: None,
                 data: None,
             }
         })
     }
-    fn tokens(&self) -> Vec<TokenView> {
-        vec![]
+    fn tokens(&self) -> BoxFuture<'_, Result<Vec<TokenView>, AdminError>> {
+        Box::pin(async { Ok(vec![]) })
+    }
+    fn settings(&self) -> SettingsView {
+        SettingsView {
+            replication_factor: 1,
+            write_quorum: 0,
+            on_degraded: "serve".into(),
+            max_voters: 1,
+        }
+    }
+    fn update_settings(
+        &self,
+        update: SettingsUpdate,
+    ) -> BoxFuture<'_, Result<SettingsView, AdminError>> {
+        Box::pin(async move {
+            match update.replication_factor {
+                Some(0) => Err(AdminError::Invalid(
+                    "the replication factor must be 1 to 7, not 0".into(),
+                )),
+                _ => Ok(self.settings()),
+            }
+        })
     }
     fn create_token(&self, _: crate::TokenSpec) -> BoxFuture<'_, Result<String, AdminError>> {
         Box::pin(async { Err(AdminError::Unavailable("test".into())) })
@@ -250,4 +277,44 @@ async fn the_admin_api_needs_the_admin_scope() {
     )
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn settings_are_read_and_changed_by_admins_with_plain_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path(), "");
+    let json = |method: &str, token: &str, body: &'static [u8]| {
+        Request::builder()
+            .method(method)
+            .uri("/admin/v1/settings")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (s, _, body) = call(&app, json("GET", "admin-token", b"")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("\"replication_factor\":1"), "{body}");
+    let (s, _, _) = call(
+        &app,
+        json("PUT", "rw-token", br#"{"replication_factor":2}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = call(
+        &app,
+        json("PUT", "admin-token", br#"{"replication_factor":2}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // Refused by the cluster, nothing to change, unknown fields: 400 with a message.
+    for (body, says) in [
+        (&br#"{"replication_factor":0}"#[..], "must be 1 to 7"),
+        (&b"{}"[..], "Nothing to change"),
+        (&br#"{"replicas":2}"#[..], "replication_factor"),
+    ] {
+        let (s, ctype, text) = call(&app, json("PUT", "admin-token", body)).await;
+        assert_eq!((s, ctype.as_str()), (StatusCode::BAD_REQUEST, "text/plain"));
+        assert!(text.contains(says), "{text}");
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use nxcache_rpc::pb::{JoinRequest, NodeInfo, PingRequest};
 
-use crate::network::channel;
+use crate::network::{MAX_COMMAND_BYTES, channel};
 use crate::node::{MetaError, MetaNode};
 use crate::types::{MemberNode, MetaCommand, MetaResponse, TokenRecord};
 
@@ -131,37 +131,97 @@ impl MetaNode {
         }));
     }
 
-    /// Adds the environment's tokens once a leader can take the write.
+    /// Adds the environment's tokens once a leader can take the write (in commands small
+    /// enough for one log entry each).
     pub(crate) fn spawn_seed(&self, tokens: BTreeMap<String, TokenRecord>) {
         let node = self.clone();
         let stopped = self.stopped();
         self.spawn(tokio::spawn(async move {
             tokio::pin!(stopped);
-            let command = MetaCommand::SeedTokens { tokens };
-            loop {
-                let written = tokio::select! {
-                    _ = &mut stopped => return,
-                    written = node.write(command.clone()) => written,
-                };
-                match written {
-                    Ok(MetaResponse::Seeded { added }) => {
-                        if added > 0 {
-                            tracing::info!(added, "seeded tokens from the environment");
+            for tokens in seed_batches(tokens) {
+                let command = MetaCommand::SeedTokens { tokens };
+                loop {
+                    let written = tokio::select! {
+                        _ = &mut stopped => return,
+                        written = node.write(command.clone()) => written,
+                    };
+                    match written {
+                        Ok(MetaResponse::Seeded { added }) => {
+                            if added > 0 {
+                                tracing::info!(added, "seeded tokens from the environment");
+                            }
+                            break;
                         }
-                        node.inner.seeded.store(true, Ordering::SeqCst);
-                        return;
+                        Ok(other) => {
+                            tracing::warn!(?other, "unexpected answer to token seeding");
+                            return;
+                        }
+                        Err(err) => tracing::debug!(%err, "token seeding waits for a leader"),
                     }
-                    Ok(other) => {
-                        tracing::warn!(?other, "unexpected answer to token seeding");
-                        return;
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                     }
-                    Err(err) => tracing::debug!(%err, "token seeding waits for a leader"),
-                }
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                 }
             }
+            node.inner.seeded.store(true, Ordering::SeqCst);
         }));
+    }
+}
+
+/// Splits seed tokens into groups whose command stays well below `MAX_COMMAND_BYTES`.
+fn seed_batches(tokens: BTreeMap<String, TokenRecord>) -> Vec<BTreeMap<String, TokenRecord>> {
+    let mut batches = Vec::new();
+    let mut batch = BTreeMap::new();
+    let mut size = 0;
+    for (name, token) in tokens {
+        let bytes = name.len() + serde_json::to_vec(&token).map_or(0, |t| t.len()) + 8;
+        if !batch.is_empty() && size + bytes > MAX_COMMAND_BYTES / 2 {
+            batches.push(std::mem::take(&mut batch));
+            size = 0;
+        }
+        size += bytes;
+        batch.insert(name, token);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_environment_tokens_are_seeded_in_commands_that_fit_a_log_entry() {
+        let tokens: BTreeMap<String, TokenRecord> = (0..5000)
+            .map(|i| {
+                let token = TokenRecord {
+                    digest: format!("{i:064x}"),
+                    scope: "read".into(),
+                    created_ms: 1,
+                    namespace: String::new(),
+                    read_from: Vec::new(),
+                };
+                (format!("read-only-{i}"), token)
+            })
+            .collect();
+        let batches = seed_batches(tokens.clone());
+        assert!(batches.len() > 1);
+        for batch in &batches {
+            let command = serde_json::to_vec(&MetaCommand::SeedTokens {
+                tokens: batch.clone(),
+            })
+            .unwrap();
+            assert!(
+                command.len() <= MAX_COMMAND_BYTES,
+                "{} bytes",
+                command.len()
+            );
+        }
+        let rejoined: BTreeMap<_, _> = batches.into_iter().flatten().collect();
+        assert_eq!(rejoined, tokens);
+        assert!(seed_batches(BTreeMap::new()).is_empty());
     }
 }

@@ -7,7 +7,7 @@ use nxcache_rpc::pb::WriteRequest;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use openraft::error::{ClientWriteError, RaftError};
 
-use crate::network::channel;
+use crate::network::{MAX_COMMAND_BYTES, channel};
 use crate::node::{MetaError, MetaNode};
 use crate::types::{MetaCommand, MetaResponse, NodeId};
 
@@ -54,6 +54,13 @@ impl MetaNode {
     /// Applies a metadata change through the leader (forwarded when this node is not it)
     /// and returns once it is committed and applied on the leader.
     pub async fn write(&self, command: MetaCommand) -> Result<MetaResponse, MetaError> {
+        // Every entry must fit in one AppendEntries message.
+        let size = serde_json::to_vec(&command)
+            .map_err(|e| MetaError::Raft(e.to_string()))?
+            .len();
+        if size > MAX_COMMAND_BYTES {
+            return Err(MetaError::TooLarge(size));
+        }
         // A leader that lost its quorum keeps the write pending; callers get an answer.
         let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(command.clone()))
             .await

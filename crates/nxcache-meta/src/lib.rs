@@ -14,17 +14,22 @@ mod metrics;
 mod network;
 mod node;
 mod service;
+mod snapshot;
 mod state_machine;
 mod types;
 
 pub use log_store::SledLogStore;
 pub use metrics::MetaMetrics;
-pub use network::Faults;
-pub use node::{
-    ClusterStatus, MemberStatus, MetaConfig, MetaError, MetaNode, PeerServices, RaftTiming,
+pub use network::{
+    Faults, MAX_COMMAND_BYTES, MAX_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, SnapshotChunkHeader,
 };
-pub use state_machine::{AppliedState, SharedState, SledStateMachine};
+pub use node::{
+    ClusterStatus, MemberStatus, MetaConfig, MetaError, MetaNode, PeerServices, Placement,
+    RaftTiming,
+};
+pub use snapshot::SnapshotFile;
+pub use state_machine::{AppliedState, SledStateMachine, StateStore};
 pub use types::{
     ClusterSettings, ClusterState, MemberNode, MemberState, MetaCommand, MetaResponse, NodeId,
-    Raft, TokenRecord, TypeConfig,
+    Raft, RingSpec, SettingsChange, TokenRecord, TokenTable, TypeConfig,
 };

@@ -10,6 +10,8 @@ pub struct MetaMetrics {
     term: IntGauge,
     leader: IntGauge,
     is_leader: IntGauge,
+    has_leader: IntGauge,
+    snapshot_bytes: IntGauge,
     last_log_index: IntGauge,
     applied_index: IntGauge,
     snapshot_index: IntGauge,
@@ -66,9 +68,20 @@ impl MetaMetrics {
             term: gauge("nxcache_raft_term", "Current Raft term.")?,
             leader: gauge(
                 "nxcache_raft_leader_id",
-                "Node id of the current leader, -1 when none is known.",
+                "Node id of the current leader, -1 when none is known (a leader that lost its quorum counts as none).",
             )?,
-            is_leader: gauge("nxcache_raft_is_leader", "1 on the leader, 0 elsewhere.")?,
+            is_leader: gauge(
+                "nxcache_raft_is_leader",
+                "1 on the leader while a quorum acknowledges it, 0 elsewhere.",
+            )?,
+            has_leader: gauge(
+                "nxcache_raft_has_leader",
+                "1 while this node knows a Raft leader; 0 while it is cut off (it serves from its own tokens and data, and receives no revocation).",
+            )?,
+            snapshot_bytes: gauge(
+                "nxcache_raft_snapshot_bytes",
+                "Size of this node's current metadata snapshot file.",
+            )?,
             last_log_index: gauge(
                 "nxcache_raft_last_log_index",
                 "Index of the last entry in this node's log.",
@@ -110,12 +123,15 @@ impl MetaMetrics {
     pub(crate) fn update(
         &self,
         m: &openraft::RaftMetrics<NodeId, crate::types::MemberNode>,
+        leader: Option<NodeId>,
         ring_epoch: u64,
+        snapshot_bytes: u64,
     ) {
         self.term.set(m.current_term as i64);
-        self.leader.set(m.current_leader.map_or(-1, |l| l as i64));
-        self.is_leader
-            .set(i64::from(m.current_leader == Some(m.id)));
+        self.leader.set(leader.map_or(-1, |l| l as i64));
+        self.is_leader.set(i64::from(leader == Some(m.id)));
+        self.has_leader.set(i64::from(leader.is_some()));
+        self.snapshot_bytes.set(snapshot_bytes as i64);
         self.last_log_index
             .set(m.last_log_index.map_or(0, |i| i as i64));
         self.applied_index

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use nxcache_auth::{Authenticator, Digest, Principal, Scope, TokenSet};
+use nxcache_auth::Authenticator;
 use nxcache_rpc::pb::PingRequest;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use nxcache_rpc::pb::membership_server::MembershipServer;
@@ -19,13 +19,17 @@ use openraft::SnapshotPolicy;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::log_store::SledLogStore;
 use crate::metrics::MetaMetrics;
-use crate::network::{Faults, GrpcNetworkFactory, channel};
+use crate::network::{
+    Faults, GrpcNetworkFactory, MAX_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNK_TIMEOUT,
+    channel,
+};
 use crate::service::{MembershipService, RaftService};
-use crate::state_machine::{AppliedState, SharedState, SledStateMachine};
-use crate::types::{ClusterSettings, MemberNode, MemberState, NodeId, Raft, TokenRecord};
+use crate::state_machine::{AppliedState, SledStateMachine, StateStore};
+use crate::types::{ClusterSettings, MemberNode, MemberState, NodeId, Raft, RingSpec, TokenRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -41,6 +45,8 @@ pub enum MetaError {
     NotAMember(NodeId),
     #[error("invalid cluster configuration: {0}")]
     Config(String),
+    #[error("the change is {0} bytes; a metadata change may be at most {max} bytes", max = crate::network::MAX_COMMAND_BYTES)]
+    TooLarge(usize),
 }
 
 impl From<MetaError> for tonic::Status {
@@ -52,6 +58,7 @@ impl From<MetaError> for tonic::Status {
             MetaError::Storage(_) | MetaError::Raft(_) => tonic::Status::internal(err.to_string()),
             MetaError::NotAMember(_) => tonic::Status::not_found(err.to_string()),
             MetaError::Config(_) => tonic::Status::failed_precondition(err.to_string()),
+            MetaError::TooLarge(_) => tonic::Status::invalid_argument(err.to_string()),
         }
     }
 }
@@ -121,6 +128,10 @@ pub struct MemberStatus {
 pub struct ClusterStatus {
     pub node_id: NodeId,
     pub leader_id: Option<NodeId>,
+    /// How long this node has known no leader; `None` while it knows one. A node without
+    /// a leader keeps serving from its own tokens and data, but changes (revocations
+    /// included) reach it only once it hears from a leader again.
+    pub leaderless_ms: Option<u64>,
     pub term: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
@@ -128,6 +139,23 @@ pub struct ClusterStatus {
     /// True while a membership change is half-way (joint configuration).
     pub changing_membership: bool,
     pub members: Vec<MemberStatus>,
+    /// Tokens in this node's applied table.
+    pub tokens: usize,
+    /// Size of this node's current metadata snapshot file.
+    pub snapshot_bytes: u64,
+}
+
+/// What the data plane places artifacts by: all of it from the applied state, so every
+/// node that applied the same entries places the same way.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Changes whenever anything below changes.
+    pub version: u64,
+    pub ring: RingSpec,
+    pub previous_ring: Option<RingSpec>,
+    pub settings: ClusterSettings,
+    /// Every member of the applied membership and its gRPC address.
+    pub addrs: Vec<(NodeId, String)>,
 }
 
 /// A running metadata node. Cheap to clone.
@@ -139,8 +167,7 @@ pub struct MetaNode {
 pub(crate) struct Inner {
     pub(crate) id: NodeId,
     pub(crate) raft: Raft,
-    pub(crate) shared: SharedState,
-    pub(crate) tokens: Arc<RwLock<TokenSet>>,
+    pub(crate) store: Arc<StateStore>,
     pub(crate) secret: ClusterSecret,
     pub(crate) client_tls: Option<tonic::transport::ClientTlsConfig>,
     pub(crate) faults: Faults,
@@ -152,39 +179,10 @@ pub(crate) struct Inner {
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
     /// The environment's tokens are in the applied table (or there were none).
     pub(crate) seeded: AtomicBool,
-}
-
-/// Answers token checks from the locally applied token table.
-struct ReplicatedTokens(Arc<RwLock<TokenSet>>);
-
-impl Authenticator for ReplicatedTokens {
-    fn authenticate(&self, secret: &str) -> Option<Principal> {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .authenticate(secret)
-    }
-}
-
-fn token_table(state: &AppliedState) -> TokenSet {
-    let mut set = TokenSet::new();
-    for (name, record) in &state.cluster.tokens {
-        match (
-            Digest::from_hex(&record.digest),
-            Scope::parse(&record.scope),
-        ) {
-            (Some(digest), Some(scope)) => set.add_principal(
-                digest,
-                Principal {
-                    namespace: record.namespace.clone(),
-                    read_from: record.read_from.clone(),
-                    ..Principal::new(name.clone(), scope)
-                },
-            ),
-            _ => tracing::warn!(token = %name, "ignoring a token record that cannot be read"),
-        }
-    }
-    set
+    /// Since when this node has known no leader (`None` while it knows one).
+    pub(crate) leaderless_since: Mutex<Option<Instant>>,
+    /// A leader that no quorum acknowledged for this long leads nothing.
+    pub(crate) quorum_lapse: Duration,
 }
 
 impl MetaNode {
@@ -212,15 +210,15 @@ impl MetaNode {
         .map_err(|e| storage(&e))?;
         let log_store = SledLogStore::open(&db).map_err(|e| storage(&e))?;
         let has_state = log_store.has_state().map_err(|e| storage(&e))?;
-        let tokens = Arc::new(RwLock::new(TokenSet::new()));
-        let on_change = {
-            let tokens = tokens.clone();
-            Arc::new(move |state: &AppliedState| {
-                *tokens.write().unwrap_or_else(|p| p.into_inner()) = token_table(state);
-            })
+        let store = {
+            let (db, dir) = (db.clone(), config.data_dir.join("meta-snapshots"));
+            // Blocking: reads the token table into memory.
+            tokio::task::spawn_blocking(move || StateStore::open(&db, &dir))
+                .await
+                .map_err(|e| storage(&e))?
+                .map_err(|e| storage(&e))?
         };
-        let (state_machine, shared) =
-            SledStateMachine::open(&db, on_change).map_err(|e| storage(&e))?;
+        let state_machine = SledStateMachine::new(store.clone());
         let t = &config.timing;
         let raft_config = openraft::Config {
             cluster_name: "nxcache".into(),
@@ -229,6 +227,12 @@ impl MetaNode {
             election_timeout_max: t.election_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_after_entries),
             max_in_snapshot_log_to_keep: t.snapshot_after_entries / 2,
+            // Every message stays below MAX_MESSAGE_BYTES: snapshot chunks by size, and
+            // AppendEntries split by the network when its entries would not fit.
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            max_payload_entries: 256,
+            // Sending a chunk, and installing the last one (a large table takes seconds).
+            install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT.as_millis() as u64,
             ..Default::default()
         }
         .validate()
@@ -251,12 +255,23 @@ impl MetaNode {
         .await
         .map_err(|e| MetaError::Raft(e.to_string()))?;
         let (stop, _) = watch::channel(false);
+        // Tokens a restarted node holds already need no leader to be seeded again.
+        let mut seeded = true;
+        for (name, token) in &config.seed_tokens {
+            match store.token(name).map_err(|e| storage(&e))? {
+                Some(held) if held.digest != token.digest => tracing::warn!(
+                    token = %name,
+                    "the cluster already holds another token under this environment token's name; the cluster's is kept (revoke it to replace it)"
+                ),
+                Some(_) => {}
+                None => seeded &= store.is_revoked(name).map_err(|e| storage(&e))?,
+            }
+        }
         let node = MetaNode {
             inner: Arc::new(Inner {
                 id: config.node_id,
                 raft: raft.clone(),
-                shared,
-                tokens,
+                store,
                 secret: config.secret.clone(),
                 client_tls: config.tls.as_ref().map(PeerTls::client_config),
                 faults: config.faults.clone(),
@@ -264,7 +279,9 @@ impl MetaNode {
                 stop,
                 tasks: Mutex::new(Vec::new()),
                 membership_lock: tokio::sync::Mutex::new(()),
-                seeded: AtomicBool::new(config.seed_tokens.is_empty()),
+                seeded: AtomicBool::new(seeded),
+                leaderless_since: Mutex::new(Some(Instant::now())),
+                quorum_lapse: config.timing.election_max,
             }),
         };
         let grpc_metrics = GrpcServerMetrics::register(registry).map_err(|e| storage(&e))?;
@@ -280,7 +297,7 @@ impl MetaNode {
             node.bootstrap_or_join(config.bootstrap, &config.join, &config.advertise)
                 .await?;
         }
-        if !config.seed_tokens.is_empty() {
+        if !seeded {
             node.spawn_seed(config.seed_tokens);
         }
         Ok(node)
@@ -323,15 +340,21 @@ impl MetaNode {
             },
         );
         let interceptor = self.inner.secret.server_interceptor(reject);
-        let raft = RaftServer::with_interceptor(
-            RaftService {
+        // Raft messages (snapshot chunks, batches of entries) are bounded by the sender
+        // below MAX_MESSAGE_BYTES; tonic's default limit is 4 MiB.
+        let raft = InterceptedService::new(
+            RaftServer::new(RaftService {
                 raft: self.inner.raft.clone(),
-            },
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
             interceptor.clone(),
         );
         let interceptor_for_peers = interceptor.clone();
-        let membership = MembershipServer::with_interceptor(
-            MembershipService { node: self.clone() },
+        let membership = InterceptedService::new(
+            MembershipServer::new(MembershipService { node: self.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             interceptor,
         );
         let stopped = self.stopped();
@@ -362,19 +385,27 @@ impl MetaNode {
 
     fn spawn_metrics(&self, metrics: MetaMetrics) {
         let mut watch = self.inner.raft.metrics();
-        let shared = self.inner.shared.clone();
+        let node = self.clone();
         let stopped = self.stopped();
         self.spawn(tokio::spawn(async move {
             tokio::pin!(stopped);
             loop {
                 {
                     let m = watch.borrow_and_update().clone();
-                    let epoch = shared
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .cluster
-                        .ring_epoch;
-                    metrics.update(&m, epoch);
+                    let store = &node.inner.store;
+                    let epoch = store.with_header(|h| h.cluster.ring_epoch());
+                    let leader = node.effective_leader(&m);
+                    metrics.update(&m, leader, epoch, store.snapshot_bytes());
+                    let mut since = node
+                        .inner
+                        .leaderless_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    match (leader, *since) {
+                        (Some(_), Some(_)) => *since = None,
+                        (None, None) => *since = Some(Instant::now()),
+                        _ => {}
+                    }
                 }
                 tokio::select! {
                     _ = &mut stopped => return,
@@ -397,30 +428,84 @@ impl MetaNode {
         &self.inner.raft
     }
 
-    /// The locally applied state (may trail the leader by a few entries).
+    /// The locally applied state, without the token table (may trail the leader by a
+    /// few entries).
     pub fn state(&self) -> AppliedState {
+        self.inner.store.header()
+    }
+
+    /// A token of the applied table.
+    pub fn token(&self, name: &str) -> Result<Option<TokenRecord>, MetaError> {
         self.inner
-            .shared
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .store
+            .token(name)
+            .map_err(|e| MetaError::Storage(e.to_string()))
+    }
+
+    /// The applied token table, by name (reads it all: for listings).
+    pub fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, MetaError> {
+        self.inner
+            .store
+            .tokens()
+            .map_err(|e| MetaError::Storage(e.to_string()))
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.inner.store.token_count()
     }
 
     /// Token checks against the replicated table, with no network call.
     pub fn authenticator(&self) -> Arc<dyn Authenticator> {
-        Arc::new(ReplicatedTokens(self.inner.tokens.clone()))
+        self.inner.store.clone()
     }
 
-    /// Ready for traffic: a leader is known and this node's bootstrap tokens are in the
-    /// applied table. The error says what is missing.
+    /// Ready for traffic once this node holds its token table: it is a member of the
+    /// membership it applied (so it applied every entry before its admission) and this
+    /// node's environment tokens are in the table. A leader is not needed: a node cut off
+    /// from the others still serves what it holds (a cache outage must not fail builds).
+    /// The error says what is missing.
     pub fn readiness(&self) -> Result<(), String> {
-        if self.leader().is_none() {
-            return Err("no Raft leader is known (cluster forming, or no quorum)".into());
+        let id = self.inner.id;
+        let member = self.inner.store.with_header(|h| {
+            h.last_membership
+                .membership()
+                .nodes()
+                .any(|(n, _)| *n == id)
+        });
+        if !member {
+            return Err(
+                "this node holds no cluster state yet (joining, or the cluster is forming)".into(),
+            );
         }
         if !self.inner.seeded.load(Ordering::SeqCst) {
             return Err("the tokens from the environment are not applied yet".into());
         }
         Ok(())
+    }
+
+    /// The leader this node can count on: the one it follows, or itself while a quorum
+    /// acknowledges it (an isolated leader keeps its role in openraft until it hears of a
+    /// newer term, but leads nothing).
+    pub(crate) fn effective_leader(
+        &self,
+        m: &openraft::RaftMetrics<NodeId, MemberNode>,
+    ) -> Option<NodeId> {
+        match m.current_leader {
+            Some(me) if me == m.id => m
+                .millis_since_quorum_ack
+                .filter(|ms| *ms <= self.inner.quorum_lapse.as_millis() as u64)
+                .map(|_| me),
+            other => other,
+        }
+    }
+
+    /// How long this node has known no Raft leader; `None` while it knows one.
+    pub fn leaderless_for(&self) -> Option<Duration> {
+        self.inner
+            .leaderless_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|since| since.elapsed())
     }
 
     /// Waits until [`MetaNode::readiness`] is Ok; false on timeout.
@@ -471,15 +556,28 @@ impl MetaNode {
             .collect()
     }
 
-    /// What placement is computed from: the ring epoch, the settings and each member's
-    /// state, without copying the token table (read on every request).
-    pub fn placement_inputs(&self) -> (u64, ClusterSettings, BTreeMap<NodeId, MemberState>) {
-        let shared = self.inner.shared.read().unwrap_or_else(|p| p.into_inner());
-        (
-            shared.cluster.ring_epoch,
-            shared.cluster.settings.clone(),
-            shared.cluster.member_states.clone(),
-        )
+    /// Changes whenever [`MetaNode::placement`] would answer differently (one atomic
+    /// read: asked on every request).
+    pub fn placement_version(&self) -> u64 {
+        self.inner.store.placement_version()
+    }
+
+    /// What placement is built from, all of it from the applied state: members of
+    /// uncommitted membership entries never appear in it.
+    pub fn placement(&self) -> Placement {
+        let version = self.inner.store.placement_version();
+        self.inner.store.with_header(|h| Placement {
+            version,
+            ring: h.cluster.ring.clone(),
+            previous_ring: h.cluster.previous_ring.clone(),
+            settings: h.cluster.settings.clone(),
+            addrs: h
+                .last_membership
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.grpc_addr.clone()))
+                .collect(),
+        })
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -503,15 +601,22 @@ impl MetaNode {
                     .unwrap_or_default(),
             })
             .collect();
+        let leader = self.effective_leader(&m);
         ClusterStatus {
             node_id: self.inner.id,
-            leader_id: m.current_leader,
+            leader_id: leader,
+            leaderless_ms: match leader {
+                Some(_) => None,
+                None => Some(self.leaderless_for().map_or(0, |d| d.as_millis() as u64)),
+            },
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map_or(0, |l| l.index),
-            ring_epoch: state.cluster.ring_epoch,
+            ring_epoch: state.cluster.ring_epoch(),
             changing_membership: membership.get_joint_config().len() > 1,
             members,
+            tokens: self.inner.store.token_count(),
+            snapshot_bytes: self.inner.store.snapshot_bytes(),
         }
     }
 

@@ -2,12 +2,14 @@
 
 use nxcache_rpc::pb::{
     JoinRequest, JoinResponse, PingRequest, PingResponse, RaftMessage, RemoveRequest,
-    RemoveResponse, WriteRequest, WriteResponse, membership_server, raft_server,
+    RemoveResponse, SnapshotChunk, WriteRequest, WriteResponse, membership_server, raft_server,
 };
+use openraft::raft::InstallSnapshotRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
 
+use crate::network::SnapshotChunkHeader;
 use crate::node::MetaNode;
 use crate::types::{MemberNode, MetaCommand, Raft};
 
@@ -42,9 +44,17 @@ impl raft_server::Raft for RaftService {
 
     async fn install_snapshot(
         &self,
-        request: Request<RaftMessage>,
+        request: Request<SnapshotChunk>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc = decode(&request.into_inner().payload)?;
+        let chunk = request.into_inner();
+        let header: SnapshotChunkHeader = decode(&chunk.header)?;
+        let rpc = InstallSnapshotRequest {
+            vote: header.vote,
+            meta: header.meta,
+            offset: header.offset,
+            data: chunk.data,
+            done: header.done,
+        };
         encode(&self.raft.install_snapshot(rpc).await)
     }
 }

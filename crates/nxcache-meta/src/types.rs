@@ -1,7 +1,6 @@
 //! The replicated metadata: what a command is, and the state commands build.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +22,7 @@ openraft::declare_raft_types!(
         R = MetaResponse,
         NodeId = u64,
         Node = MemberNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::snapshot::SnapshotFile,
 );
 
 pub type NodeId = u64;
@@ -86,6 +85,64 @@ impl Default for ClusterSettings {
     }
 }
 
+impl ClusterSettings {
+    /// The rules every cluster's settings keep; the error names what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let r = self.replication_factor;
+        if !(1..=7).contains(&r) {
+            return Err(format!("the replication factor must be 1 to 7, not {r}"));
+        }
+        if self.write_quorum > r {
+            return Err(format!(
+                "the write quorum ({}) cannot exceed the replication factor ({r}); lower the write quorum too, or make it a majority (0, or `--write-quorum majority`)",
+                self.write_quorum
+            ));
+        }
+        if !matches!(self.max_voters, 1 | 3 | 5 | 7) {
+            return Err(format!(
+                "max voters must be 1, 3, 5 or 7, not {}",
+                self.max_voters
+            ));
+        }
+        if self.on_degraded != "serve" && self.on_degraded != "strict" {
+            return Err(format!(
+                "the degraded policy must be 'serve' or 'strict', not '{}'",
+                self.on_degraded
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Settings an operator changes; the others keep their value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_quorum: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_degraded: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_voters: Option<u32>,
+}
+
+impl SettingsChange {
+    pub fn applied_to(&self, current: &ClusterSettings) -> ClusterSettings {
+        ClusterSettings {
+            replication_factor: self
+                .replication_factor
+                .unwrap_or(current.replication_factor),
+            write_quorum: self.write_quorum.unwrap_or(current.write_quorum),
+            on_degraded: self
+                .on_degraded
+                .clone()
+                .unwrap_or_else(|| current.on_degraded.clone()),
+            max_voters: self.max_voters.unwrap_or(current.max_voters),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MetaCommand {
@@ -106,8 +163,19 @@ pub enum MetaCommand {
         id: NodeId,
         state: MemberState,
     },
+    /// Replaces every setting. Written only by nodes from before `UpdateSettings`; kept
+    /// so that their logs still apply.
     SetSettings {
         settings: ClusterSettings,
+    },
+    /// The settings of a new cluster (its first node's flags): applied only while the
+    /// cluster has none, so a node started later with other flags changes nothing.
+    InitSettings {
+        settings: ClusterSettings,
+    },
+    /// An operator's change (`nxcache admin settings set`), validated on the merged result.
+    UpdateSettings {
+        change: SettingsChange,
     },
 }
 
@@ -122,76 +190,206 @@ pub enum MetaResponse {
     },
     AlreadyExists,
     NotFound,
+    /// The cluster's settings after the command, and whether it changed them.
+    Settings {
+        settings: ClusterSettings,
+        changed: bool,
+    },
+    /// The command was refused; nothing changed.
+    Invalid {
+        reason: String,
+    },
 }
 
-/// Everything the state machine holds besides openraft's own membership.
+/// What a placement ring is built from, as the state machine applied it, so one epoch
+/// is one ring on every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingSpec {
+    pub epoch: u64,
+    /// The configured factor (a ring caps it by its member count).
+    pub replication_factor: u32,
+    /// The members that own data, with their zones: the active members, or every member
+    /// while none is active.
+    pub members: BTreeMap<NodeId, String>,
+}
+
+/// The token table that commands read and change. The state machine's implementation
+/// reads the stored table and collects a batch's changes; tests use a map.
+pub trait TokenTable {
+    type Error;
+    fn token(&self, name: &str) -> Result<Option<TokenRecord>, Self::Error>;
+    fn is_revoked(&self, name: &str) -> Result<bool, Self::Error>;
+    fn put_token(&mut self, name: &str, token: TokenRecord);
+    fn remove_token(&mut self, name: &str);
+    fn set_revoked(&mut self, name: &str, revoked: bool);
+}
+
+/// Everything the state machine holds besides openraft's membership and the token table
+/// (which is stored token by token).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
-    pub tokens: BTreeMap<String, TokenRecord>,
-    /// Names of revoked tokens: seeding never brings them back (a bootstrap token from
-    /// the environment, once revoked, stays revoked across restarts).
-    #[serde(default)]
-    pub revoked: std::collections::BTreeSet<String>,
     /// Members' data-plane state; a member absent here is `Active`.
     pub member_states: BTreeMap<NodeId, MemberState>,
+    /// Every member of the applied membership, with its zone.
+    #[serde(default)]
+    pub zones: BTreeMap<NodeId, String>,
     pub settings: ClusterSettings,
-    /// Bumped by every change of who owns data: membership and member states.
-    pub ring_epoch: u64,
+    /// The cluster's settings were set (by its first node, or by an older node's flags).
+    #[serde(default)]
+    pub settings_initialized: bool,
+    /// The ring placement uses now.
+    #[serde(default)]
+    pub ring: RingSpec,
+    /// The ring before the last change: reads fall back to its owners while data moves.
+    /// Kept in the applied state, so it survives restarts and snapshots.
+    #[serde(default)]
+    pub previous_ring: Option<RingSpec>,
 }
 
 impl ClusterState {
-    pub fn apply(&mut self, command: &MetaCommand) -> MetaResponse {
-        match command {
-            MetaCommand::SeedTokens { tokens } => {
+    pub fn ring_epoch(&self) -> u64 {
+        self.ring.epoch
+    }
+
+    pub fn apply<T: TokenTable>(
+        &mut self,
+        command: &MetaCommand,
+        tokens: &mut T,
+    ) -> Result<MetaResponse, T::Error> {
+        Ok(match command {
+            MetaCommand::SeedTokens { tokens: seeds } => {
                 let mut added = 0;
-                for (name, token) in tokens {
-                    if !self.tokens.contains_key(name) && !self.revoked.contains(name) {
-                        self.tokens.insert(name.clone(), token.clone());
+                for (name, token) in seeds {
+                    if tokens.token(name)?.is_none() && !tokens.is_revoked(name)? {
+                        tokens.put_token(name, token.clone());
                         added += 1;
                     }
                 }
                 MetaResponse::Seeded { added }
             }
             MetaCommand::CreateToken { name, token } => {
-                if self.tokens.contains_key(name) {
-                    return MetaResponse::AlreadyExists;
+                if tokens.token(name)?.is_some() {
+                    return Ok(MetaResponse::AlreadyExists);
                 }
-                self.tokens.insert(name.clone(), token.clone());
-                self.revoked.remove(name);
+                tokens.put_token(name, token.clone());
+                tokens.set_revoked(name, false);
                 MetaResponse::Done
             }
-            MetaCommand::RevokeToken { name } => match self.tokens.remove(name) {
-                Some(_) => {
-                    self.revoked.insert(name.clone());
-                    MetaResponse::Done
+            MetaCommand::RevokeToken { name } => {
+                if tokens.token(name)?.is_none() {
+                    return Ok(MetaResponse::NotFound);
                 }
-                None => MetaResponse::NotFound,
-            },
+                tokens.remove_token(name);
+                tokens.set_revoked(name, true);
+                MetaResponse::Done
+            }
             MetaCommand::SetMemberState { id, state } => {
-                let previous = self.member_states.insert(*id, *state).unwrap_or_default();
-                if previous != *state {
-                    self.ring_epoch += 1;
+                self.member_states.insert(*id, *state);
+                self.update_ring();
+                MetaResponse::Done
+            }
+            MetaCommand::SetSettings { settings } => self.set_settings(settings.clone()),
+            MetaCommand::InitSettings { settings } => {
+                if self.settings_initialized {
+                    MetaResponse::Settings {
+                        settings: self.settings.clone(),
+                        changed: false,
+                    }
+                } else {
+                    self.set_settings(settings.clone())
                 }
-                MetaResponse::Done
             }
-            MetaCommand::SetSettings { settings } => {
-                self.settings = settings.clone();
-                MetaResponse::Done
+            MetaCommand::UpdateSettings { change } => {
+                self.set_settings(change.applied_to(&self.settings))
             }
+        })
+    }
+
+    fn set_settings(&mut self, settings: ClusterSettings) -> MetaResponse {
+        if let Err(reason) = settings.validate() {
+            return MetaResponse::Invalid { reason };
+        }
+        let changed = settings != self.settings;
+        self.settings = settings;
+        self.settings_initialized = true;
+        self.update_ring();
+        MetaResponse::Settings {
+            settings: self.settings.clone(),
+            changed,
         }
     }
 
-    /// A membership entry was applied: members changed.
-    pub fn membership_changed(&mut self, members: impl Iterator<Item = NodeId>) {
-        let members: Vec<NodeId> = members.collect();
-        self.member_states.retain(|id, _| members.contains(id));
-        self.ring_epoch += 1;
+    /// A membership entry was applied: `members` are the members now.
+    pub fn membership_changed<'a>(&mut self, members: impl Iterator<Item = (NodeId, &'a str)>) {
+        self.zones = members.map(|(id, zone)| (id, zone.to_owned())).collect();
+        let zones = &self.zones;
+        self.member_states.retain(|id, _| zones.contains_key(id));
+        self.update_ring();
+    }
+
+    /// Starts a new ring epoch when what the ring is built from changed.
+    fn update_ring(&mut self) {
+        let active: BTreeMap<NodeId, String> = self
+            .zones
+            .iter()
+            .filter(|(id, _)| {
+                self.member_states.get(id).copied().unwrap_or_default() == MemberState::Active
+            })
+            .map(|(id, zone)| (*id, zone.clone()))
+            .collect();
+        let members = if active.is_empty() {
+            self.zones.clone()
+        } else {
+            active
+        };
+        let replication_factor = self.settings.replication_factor;
+        if members == self.ring.members && replication_factor == self.ring.replication_factor {
+            return;
+        }
+        let next = RingSpec {
+            epoch: self.ring.epoch + 1,
+            replication_factor,
+            members,
+        };
+        self.previous_ring = Some(std::mem::replace(&mut self.ring, next));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+    use std::convert::Infallible;
+
     use super::*;
+
+    #[derive(Default)]
+    struct MemoryTokens {
+        tokens: BTreeMap<String, TokenRecord>,
+        revoked: BTreeSet<String>,
+    }
+
+    impl TokenTable for MemoryTokens {
+        type Error = Infallible;
+        fn token(&self, name: &str) -> Result<Option<TokenRecord>, Infallible> {
+            Ok(self.tokens.get(name).cloned())
+        }
+        fn is_revoked(&self, name: &str) -> Result<bool, Infallible> {
+            Ok(self.revoked.contains(name))
+        }
+        fn put_token(&mut self, name: &str, token: TokenRecord) {
+            self.tokens.insert(name.into(), token);
+        }
+        fn remove_token(&mut self, name: &str) {
+            self.tokens.remove(name);
+        }
+        fn set_revoked(&mut self, name: &str, revoked: bool) {
+            if revoked {
+                self.revoked.insert(name.into());
+            } else {
+                self.revoked.remove(name);
+            }
+        }
+    }
 
     fn token(scope: &str) -> TokenRecord {
         TokenRecord {
@@ -203,27 +401,39 @@ mod tests {
         }
     }
 
+    fn apply(s: &mut ClusterState, t: &mut MemoryTokens, c: MetaCommand) -> MetaResponse {
+        match s.apply(&c, t) {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+
     #[test]
     fn tokens_are_created_once_and_revoked() {
-        let mut s = ClusterState::default();
+        let (mut s, mut t) = (ClusterState::default(), MemoryTokens::default());
         let create = MetaCommand::CreateToken {
             name: "ci".into(),
             token: token("read-write"),
         };
-        assert_eq!(s.apply(&create), MetaResponse::Done);
-        assert_eq!(s.apply(&create), MetaResponse::AlreadyExists);
+        assert_eq!(apply(&mut s, &mut t, create.clone()), MetaResponse::Done);
+        assert_eq!(apply(&mut s, &mut t, create), MetaResponse::AlreadyExists);
         let revoke = MetaCommand::RevokeToken { name: "ci".into() };
-        assert_eq!(s.apply(&revoke), MetaResponse::Done);
-        assert_eq!(s.apply(&revoke), MetaResponse::NotFound);
+        assert_eq!(apply(&mut s, &mut t, revoke.clone()), MetaResponse::Done);
+        assert_eq!(apply(&mut s, &mut t, revoke), MetaResponse::NotFound);
+        assert!(t.tokens.is_empty() && t.revoked.contains("ci"));
     }
 
     #[test]
     fn seeding_is_idempotent_and_never_overrides() {
-        let mut s = ClusterState::default();
-        s.apply(&MetaCommand::CreateToken {
-            name: "env-admin-1".into(),
-            token: token("admin"),
-        });
+        let (mut s, mut t) = (ClusterState::default(), MemoryTokens::default());
+        apply(
+            &mut s,
+            &mut t,
+            MetaCommand::CreateToken {
+                name: "env-admin-1".into(),
+                token: token("admin"),
+            },
+        );
         let seed = MetaCommand::SeedTokens {
             tokens: [
                 ("env-admin-1".to_string(), token("read")),
@@ -231,34 +441,157 @@ mod tests {
             ]
             .into(),
         };
-        assert_eq!(s.apply(&seed), MetaResponse::Seeded { added: 1 });
-        assert_eq!(s.apply(&seed), MetaResponse::Seeded { added: 0 });
-        assert_eq!(s.tokens["env-admin-1"].scope, "admin");
+        assert_eq!(
+            apply(&mut s, &mut t, seed.clone()),
+            MetaResponse::Seeded { added: 1 }
+        );
+        assert_eq!(
+            apply(&mut s, &mut t, seed.clone()),
+            MetaResponse::Seeded { added: 0 }
+        );
+        assert_eq!(t.tokens["env-admin-1"].scope, "admin");
         // Revoked: a later seeding (a restart with the same environment) keeps it revoked.
-        s.apply(&MetaCommand::RevokeToken {
-            name: "env-read-1".into(),
-        });
-        assert_eq!(s.apply(&seed), MetaResponse::Seeded { added: 0 });
-        assert!(!s.tokens.contains_key("env-read-1"));
+        apply(
+            &mut s,
+            &mut t,
+            MetaCommand::RevokeToken {
+                name: "env-read-1".into(),
+            },
+        );
+        assert_eq!(
+            apply(&mut s, &mut t, seed),
+            MetaResponse::Seeded { added: 0 }
+        );
+        assert!(!t.tokens.contains_key("env-read-1"));
+    }
+
+    fn members(ids: &[NodeId]) -> Vec<(NodeId, &'static str)> {
+        ids.iter().map(|id| (*id, "")).collect()
     }
 
     #[test]
-    fn ring_epoch_moves_with_ownership_changes_only() {
-        let mut s = ClusterState::default();
-        s.membership_changed([1, 2].into_iter());
-        assert_eq!(s.ring_epoch, 1);
-        s.apply(&MetaCommand::SetMemberState {
+    fn the_ring_moves_to_a_new_epoch_only_when_what_it_is_built_from_changes() {
+        let (mut s, mut t) = (ClusterState::default(), MemoryTokens::default());
+        s.membership_changed(members(&[1, 2]).into_iter());
+        assert_eq!(s.ring_epoch(), 1);
+        // A voter promotion (same members) is no new ring.
+        s.membership_changed(members(&[1, 2]).into_iter());
+        assert_eq!(s.ring_epoch(), 1);
+        let drain = MetaCommand::SetMemberState {
             id: 2,
             state: MemberState::Draining,
-        });
-        assert_eq!(s.ring_epoch, 2);
-        s.apply(&MetaCommand::SetMemberState {
-            id: 2,
-            state: MemberState::Draining,
-        });
-        assert_eq!(s.ring_epoch, 2);
-        s.membership_changed([1].into_iter());
+        };
+        apply(&mut s, &mut t, drain.clone());
+        assert_eq!(s.ring_epoch(), 2);
+        assert_eq!(s.ring.members.keys().copied().collect::<Vec<_>>(), [1]);
+        let previous = s.previous_ring.clone().unwrap();
+        assert_eq!((previous.epoch, previous.members.len()), (1, 2));
+        apply(&mut s, &mut t, drain);
+        assert_eq!(s.ring_epoch(), 2);
+        // Fewer copies: the owners change, so it is a new ring.
+        apply(
+            &mut s,
+            &mut t,
+            MetaCommand::UpdateSettings {
+                change: SettingsChange {
+                    replication_factor: Some(2),
+                    ..Default::default()
+                },
+            },
+        );
+        assert_eq!((s.ring_epoch(), s.ring.replication_factor), (3, 2));
+        // The write quorum and the policy do not place anything.
+        apply(
+            &mut s,
+            &mut t,
+            MetaCommand::UpdateSettings {
+                change: SettingsChange {
+                    on_degraded: Some("strict".into()),
+                    ..Default::default()
+                },
+            },
+        );
+        assert_eq!(s.ring_epoch(), 3);
+        s.membership_changed(members(&[1]).into_iter());
         assert!(s.member_states.is_empty());
+        assert_eq!(s.ring_epoch(), 3, "node 2 owned nothing already");
+    }
+
+    #[test]
+    fn settings_are_set_once_at_creation_then_only_changed_on_purpose() {
+        let (mut s, mut t) = (ClusterState::default(), MemoryTokens::default());
+        let first = ClusterSettings {
+            replication_factor: 2,
+            ..ClusterSettings::default()
+        };
+        let init = |settings| MetaCommand::InitSettings { settings };
+        assert_eq!(
+            apply(&mut s, &mut t, init(first.clone())),
+            MetaResponse::Settings {
+                settings: first.clone(),
+                changed: true
+            }
+        );
+        // A later node's flags change nothing.
+        let other = ClusterSettings {
+            replication_factor: 5,
+            ..ClusterSettings::default()
+        };
+        assert_eq!(
+            apply(&mut s, &mut t, init(other)),
+            MetaResponse::Settings {
+                settings: first.clone(),
+                changed: false
+            }
+        );
+        // An operator's change is validated on the merged settings.
+        let update = |change| MetaCommand::UpdateSettings { change };
+        let refused = apply(
+            &mut s,
+            &mut t,
+            update(SettingsChange {
+                write_quorum: Some(3),
+                ..Default::default()
+            }),
+        );
+        assert!(
+            matches!(&refused, MetaResponse::Invalid { reason } if reason.contains("write quorum (3)")),
+            "{refused:?}"
+        );
+        assert_eq!(s.settings, first);
+        for bad in [
+            SettingsChange {
+                replication_factor: Some(0),
+                ..Default::default()
+            },
+            SettingsChange {
+                on_degraded: Some("maybe".into()),
+                ..Default::default()
+            },
+            SettingsChange {
+                max_voters: Some(4),
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(
+                apply(&mut s, &mut t, update(bad)),
+                MetaResponse::Invalid { .. }
+            ));
+        }
+        let done = apply(
+            &mut s,
+            &mut t,
+            update(SettingsChange {
+                replication_factor: Some(3),
+                write_quorum: Some(3),
+                ..Default::default()
+            }),
+        );
+        assert!(matches!(done, MetaResponse::Settings { changed: true, .. }));
+        assert_eq!(
+            (s.settings.replication_factor, s.settings.write_quorum),
+            (3, 3)
+        );
     }
 
     #[test]

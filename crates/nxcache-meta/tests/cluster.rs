@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use nxcache_auth::Digest;
 use nxcache_meta::{
-    ClusterSettings, Faults, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId,
-    RaftTiming, TokenRecord,
+    Faults, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId, RaftTiming,
+    SettingsChange, TokenRecord,
 };
 use nxcache_rpc::{ClusterSecret, PeerTls};
 
@@ -97,13 +97,13 @@ impl Cluster {
         start(&mut cluster.members[0], true, vec![]).await;
         cluster.wait_leader_among(&[1]).await;
         if max_voters != 3 {
-            let settings = ClusterSettings {
-                max_voters,
-                ..ClusterSettings::default()
+            let change = SettingsChange {
+                max_voters: Some(max_voters),
+                ..SettingsChange::default()
             };
             cluster
                 .node(1)
-                .write(MetaCommand::SetSettings { settings })
+                .write(MetaCommand::UpdateSettings { change })
                 .await
                 .unwrap();
         }
@@ -220,6 +220,10 @@ impl Cluster {
     }
 }
 
+fn has_token(node: &MetaNode, name: &str) -> bool {
+    node.token(name).unwrap().is_some()
+}
+
 fn token(secret: &str, scope: &str) -> TokenRecord {
     TokenRecord {
         digest: Digest::of(secret).to_hex(),
@@ -309,7 +313,7 @@ async fn a_restarted_node_recovers_from_its_disk_and_catches_up() {
         .unwrap();
     cluster
         .wait("node 3 applied", Duration::from_secs(5), |c| {
-            c.node(3).state().cluster.tokens.contains_key("before")
+            has_token(c.node(3), "before")
         })
         .await;
     cluster.stop(3).await;
@@ -322,17 +326,10 @@ async fn a_restarted_node_recovers_from_its_disk_and_catches_up() {
     }
     cluster.restart(3).await;
     // Its own disk has "before" at once, even before it hears from the leader.
-    assert!(
-        cluster
-            .node(3)
-            .state()
-            .cluster
-            .tokens
-            .contains_key("before")
-    );
+    assert!(has_token(cluster.node(3), "before"));
     cluster
         .wait("node 3 caught up", Duration::from_secs(10), |c| {
-            c.node(3).state().cluster.tokens.len() == 6
+            c.node(3).token_count() == 6
         })
         .await;
     // Still one cluster: the same three voters, one leader.
@@ -364,7 +361,7 @@ async fn a_node_that_missed_many_entries_catches_up_by_snapshot() {
     cluster.restart(3).await;
     cluster
         .wait("node 3 caught up", Duration::from_secs(15), |c| {
-            c.node(3).state().cluster.tokens.len() == 80
+            c.node(3).token_count() == 80
         })
         .await;
     let snapshot = cluster.node(3).raft().metrics().borrow().snapshot;
@@ -442,25 +439,17 @@ async fn a_minority_partition_cannot_commit() {
         .write(create("kept", "kept-secret"))
         .await
         .unwrap();
-    assert!(
-        !cluster
-            .node(old)
-            .state()
-            .cluster
-            .tokens
-            .contains_key("kept")
-    );
+    assert!(!has_token(cluster.node(old), "kept"));
 
     // Healed: the old leader follows and converges; the uncommitted write is gone.
     cluster.heal();
     cluster
         .wait("old leader converged", Duration::from_secs(15), |c| {
-            let tokens = c.node(old).state().cluster.tokens;
-            tokens.contains_key("kept") && !tokens.contains_key("lost")
+            has_token(c.node(old), "kept") && !has_token(c.node(old), "lost")
         })
         .await;
     for id in [1, 2, 3] {
-        assert!(!cluster.node(id).state().cluster.tokens.contains_key("lost"));
+        assert!(!has_token(cluster.node(id), "lost"));
     }
     cluster.shutdown().await;
 }
@@ -711,5 +700,84 @@ async fn nodes_sharing_one_seed_list_start_together_as_one_cluster() {
     let cluster = Cluster { members, _tmp: tmp };
     cluster.wait_one_cluster_of(3).await;
     assert_eq!(cluster.wait_leader_among(&[1, 2, 3]).await, 1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_whose_admission_is_not_committed_never_appears_in_placement() {
+    let mut cluster = Cluster::new(3).await;
+    cluster
+        .wait(
+            "node 1 applied the three members",
+            Duration::from_secs(10),
+            |c| c.node(1).placement().ring.members.len() == 3,
+        )
+        .await;
+    let before = cluster.node(1).placement();
+    assert_eq!(before.ring.members.len(), 3);
+    // Leader 1 alone: the join of node 4 is proposed, never committed.
+    cluster.stop(2).await;
+    cluster.stop(3).await;
+    cluster.wait_leader_among(&[1]).await;
+    let mut joiner = Member::new(4, cluster._tmp.path(), None);
+    start(&mut joiner, false, vec![cluster.members[0].addr.clone()]).await;
+    cluster
+        .wait(
+            "the join is pending on the leader",
+            Duration::from_secs(10),
+            |c| c.node(1).status().members.len() == 4,
+        )
+        .await;
+    // Raft's effective membership has node 4; placement, from the applied state, does not.
+    let placement = cluster.node(1).placement();
+    assert_eq!(placement.ring, before.ring);
+    assert!(!placement.ring.members.contains_key(&4));
+    assert!(placement.addrs.iter().all(|(id, _)| *id != 4));
+    assert_eq!(cluster.node(1).status().ring_epoch, before.ring.epoch);
+    joiner.node.take().unwrap().shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_previous_ring_is_applied_state_and_survives_a_restart() {
+    let mut cluster = Cluster::new(4).await;
+    let leader = cluster.wait_leader_among(&[1, 2, 3, 4]).await;
+    cluster
+        .wait(
+            "every node applied the four members",
+            Duration::from_secs(10),
+            |c| c.running().all(|n| n.placement().ring.members.len() == 4),
+        )
+        .await;
+    let before = cluster.node(leader).placement();
+    let drained = [1, 2, 3, 4].into_iter().find(|id| *id != leader).unwrap();
+    cluster
+        .node(leader)
+        .write(MetaCommand::SetMemberState {
+            id: drained,
+            state: nxcache_meta::MemberState::Draining,
+        })
+        .await
+        .unwrap();
+    let expected = cluster.node(leader).placement();
+    assert_eq!(expected.ring.epoch, before.ring.epoch + 1);
+    assert_eq!(expected.previous_ring.as_ref(), Some(&before.ring));
+    cluster
+        .wait(
+            "every node applied the drain",
+            Duration::from_secs(10),
+            |c| c.running().all(|n| n.placement().ring == expected.ring),
+        )
+        .await;
+    let other = [1, 2, 3, 4]
+        .into_iter()
+        .find(|id| *id != leader && *id != drained)
+        .unwrap();
+    cluster.stop(other).await;
+    cluster.restart(other).await;
+    // From its own disk, before it hears from anyone.
+    let restarted = cluster.node(other).placement();
+    assert_eq!(restarted.ring, expected.ring);
+    assert_eq!(restarted.previous_ring, expected.previous_ring);
     cluster.shutdown().await;
 }

@@ -27,6 +27,8 @@ pub struct Member {
 #[derive(Debug, Clone)]
 pub struct Ring {
     epoch: u64,
+    /// Hash of everything the ring is built from (see [`Ring::digest`]).
+    digest: u64,
     replication_factor: usize,
     /// (position, member), sorted by position.
     points: Vec<(u64, NodeId)>,
@@ -64,9 +66,20 @@ impl Ring {
             .collect();
         // Ties (same position) broken by id, so every node sorts the same way.
         points.sort_unstable();
+        let replication_factor = replication_factor.max(1);
+        let mut inputs = b"nxcache-ring-v1".to_vec();
+        for n in [epoch, replication_factor as u64, vnodes.max(1) as u64] {
+            inputs.extend_from_slice(&n.to_le_bytes());
+        }
+        for (id, zone) in &zones {
+            inputs.extend_from_slice(&id.to_le_bytes());
+            inputs.extend_from_slice(&(zone.len() as u64).to_le_bytes());
+            inputs.extend_from_slice(zone.as_bytes());
+        }
         Ring {
             epoch,
-            replication_factor: replication_factor.max(1),
+            digest: xxh3_64(&inputs),
+            replication_factor,
             points,
             zones,
         }
@@ -74,6 +87,18 @@ impl Ring {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// A hash of exactly what the ring is built from (epoch, replication factor, virtual
+    /// nodes, members and their zones): two nodes with the same digest place every key
+    /// the same way. Operators compare it across nodes (`nxcache admin status`).
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// [`Ring::digest`] as 16 hex digits.
+    pub fn digest_hex(&self) -> String {
+        format!("{:016x}", self.digest)
     }
 
     pub fn members(&self) -> impl Iterator<Item = NodeId> + '_ {
@@ -211,6 +236,35 @@ mod tests {
                 13_661_868_522_198_395_722u64.wrapping_add(i as u64 * 7919)
             )
         })
+    }
+
+    #[test]
+    fn the_digest_changes_with_every_input_and_only_with_them() {
+        let zoned = |zone: &str| {
+            vec![
+                Member {
+                    id: 1,
+                    zone: zone.into(),
+                },
+                Member {
+                    id: 2,
+                    zone: String::new(),
+                },
+            ]
+        };
+        let base = Ring::new(4, &zoned("a"), 3, 16).digest();
+        let reversed: Vec<Member> = zoned("a").into_iter().rev().collect();
+        assert_eq!(Ring::new(4, &reversed, 3, 16).digest(), base);
+        for other in [
+            Ring::new(5, &zoned("a"), 3, 16),
+            Ring::new(4, &zoned("b"), 3, 16),
+            Ring::new(4, &zoned("a"), 2, 16),
+            Ring::new(4, &zoned("a"), 3, 17),
+            Ring::new(4, &members(&[1, 2, 3]), 3, 16),
+        ] {
+            assert_ne!(other.digest(), base);
+        }
+        assert_eq!(Ring::new(4, &zoned("a"), 3, 16).digest_hex().len(), 16);
     }
 
     #[test]

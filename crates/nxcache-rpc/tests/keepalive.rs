@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use nxcache_rpc::pb::RaftMessage;
 use nxcache_rpc::pb::raft_client::RaftClient;
 use nxcache_rpc::pb::raft_server::{Raft, RaftServer};
+use nxcache_rpc::pb::{RaftMessage, SnapshotChunk};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::{Request, Response, Status};
@@ -28,9 +28,11 @@ impl Raft for Echo {
     }
     async fn install_snapshot(
         &self,
-        r: Request<RaftMessage>,
+        r: Request<SnapshotChunk>,
     ) -> Result<Response<RaftMessage>, Status> {
-        Ok(Response::new(r.into_inner()))
+        Ok(Response::new(RaftMessage {
+            payload: r.into_inner().data,
+        }))
     }
 }
 

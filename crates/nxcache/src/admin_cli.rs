@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use nxcache_http::{MemberView, NewToken, StatusView, TokenView};
+use nxcache_http::{MemberView, NewToken, RingView, SettingsView, StatusView, TokenView};
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -26,7 +26,7 @@ pub struct AdminArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Leader, term, log indexes, ring epoch and members.
+    /// Leader, term, log indexes, ring (epoch and digest), settings and members.
     Status,
     /// Access tokens.
     #[command(subcommand)]
@@ -34,6 +34,45 @@ pub enum AdminCommand {
     /// Cluster members.
     #[command(subcommand)]
     Nodes(NodeCommand),
+    /// Cluster settings: replication factor, write quorum, degraded policy, max voters.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Prints the cluster's settings.
+    Show,
+    /// Changes cluster settings on every node (a Raft entry, in the audit log). Lowering
+    /// the replication factor removes extra copies only once the remaining owners hold
+    /// theirs.
+    Set {
+        /// Copies kept of each artifact (1 to 7, capped by the member count).
+        #[arg(long, value_name = "N")]
+        replication_factor: Option<u32>,
+        /// Copies stored before a PUT is acknowledged (at most the replication factor;
+        /// `majority` for a majority of it).
+        #[arg(long, value_name = "N|majority", value_parser = parse_quorum)]
+        write_quorum: Option<u32>,
+        /// What a PUT does when fewer than the write quorum of owners can take it.
+        #[arg(long, value_name = "serve|strict")]
+        on_degraded: Option<String>,
+        /// Voting members of the metadata log (1, 3, 5 or 7).
+        #[arg(long, value_name = "N")]
+        max_voters: Option<u32>,
+    },
+}
+
+fn parse_quorum(raw: &str) -> Result<u32, String> {
+    match raw {
+        "majority" => Ok(0),
+        n => match n.parse() {
+            Ok(0) | Err(_) => Err(format!(
+                "expected a number from 1, or 'majority', not {n:?}"
+            )),
+            Ok(w) => Ok(w),
+        },
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +149,31 @@ fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
 
+fn ring_line(label: &str, ring: &RingView) -> String {
+    format!(
+        "{label} epoch {}, digest {}, copies per artifact {}, members {}",
+        ring.epoch,
+        ring.digest,
+        ring.replicas,
+        ring.members
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+fn print_settings(s: &SettingsView) {
+    let quorum = match s.write_quorum {
+        0 => "a majority".to_owned(),
+        w => w.to_string(),
+    };
+    println!(
+        "replication factor {}; write quorum {quorum}; on degraded: {}; max voters {}",
+        s.replication_factor, s.on_degraded, s.max_voters
+    );
+}
+
 fn print_members(members: &[MemberView]) {
     println!(
         "{:<6} {:<8} {:<9} {:<10} {:<24} HTTP",
@@ -158,11 +222,34 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             let s: StatusView = serde_json::from_str(&text)?;
-            let leader = s.leader_id.map_or("none".to_owned(), |l| l.to_string());
+            let leader = match (s.leader_id, s.leaderless_ms) {
+                (Some(l), _) => l.to_string(),
+                (None, Some(ms)) => format!(
+                    "none for {} s (this node serves from its own tokens and data; revocations reach it when it reconnects)",
+                    ms / 1000
+                ),
+                (None, None) => "none".to_owned(),
+            };
             println!(
-                "answered by node {}; leader: {leader}; term {}; commit index {}; applied index {}; last log index {}; ring epoch {}",
-                s.node_id, s.term, s.commit_index, s.applied_index, s.last_log_index, s.ring_epoch
+                "answered by node {}; leader: {leader}; term {}; commit index {}; applied index {}; last log index {}; {} tokens; snapshot {} bytes",
+                s.node_id,
+                s.term,
+                s.commit_index,
+                s.applied_index,
+                s.last_log_index,
+                s.tokens,
+                s.snapshot_bytes
             );
+            match &s.ring {
+                Some(ring) => println!("{}", ring_line("ring:", ring)),
+                None => println!("ring: epoch {}", s.ring_epoch),
+            }
+            if let Some(previous) = &s.previous_ring {
+                println!("{}", ring_line("previous ring:", previous));
+            }
+            if let Some(settings) = &s.settings {
+                print_settings(settings);
+            }
             print_members(&s.members);
         }
         AdminCommand::Nodes(NodeCommand::List) => {
@@ -234,6 +321,45 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        AdminCommand::Settings(SettingsCommand::Show) => {
+            let text = client.send(Method::GET, "settings", None).await?;
+            if args.json {
+                println!("{text}");
+            } else {
+                print_settings(&serde_json::from_str(&text)?);
+            }
+        }
+        AdminCommand::Settings(SettingsCommand::Set {
+            replication_factor,
+            write_quorum,
+            on_degraded,
+            max_voters,
+        }) => {
+            let update = nxcache_http::SettingsUpdate {
+                replication_factor,
+                write_quorum,
+                on_degraded,
+                max_voters,
+            };
+            if update == nxcache_http::SettingsUpdate::default() {
+                bail!(
+                    "nothing to change: give --replication-factor, --write-quorum, --on-degraded or --max-voters"
+                );
+            }
+            let text = client
+                .send(
+                    Method::PUT,
+                    "settings",
+                    Some(serde_json::to_value(&update)?),
+                )
+                .await?;
+            if args.json {
+                println!("{text}");
+            } else {
+                print!("cluster settings now: ");
+                print_settings(&serde_json::from_str(&text)?);
+            }
+        }
         AdminCommand::Tokens(TokenCommand::Revoke { name }) => {
             client
                 .send(Method::DELETE, &format!("tokens/{name}"), None)
@@ -246,7 +372,15 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::admin_token;
+    use super::{admin_token, parse_quorum};
+
+    #[test]
+    fn a_write_quorum_is_a_number_or_majority() {
+        assert_eq!(parse_quorum("2"), Ok(2));
+        assert_eq!(parse_quorum("majority"), Ok(0));
+        assert!(parse_quorum("0").is_err());
+        assert!(parse_quorum("most").is_err());
+    }
 
     #[test]
     fn the_token_comes_from_the_flag_else_from_the_nodes_admin_tokens() {

@@ -2,9 +2,13 @@
 
 use nxcache_auth::{Digest, generate_token};
 use nxcache_http::{
-    AdminError, BoxFuture, ClusterControl, MemberView, StatusView, TokenSpec, TokenView,
+    AdminError, BoxFuture, ClusterControl, MemberView, SettingsUpdate, SettingsView, StatusView,
+    TokenSpec, TokenView,
 };
-use nxcache_meta::{MemberState, MetaCommand, MetaError, MetaNode, MetaResponse, TokenRecord};
+use nxcache_meta::{
+    ClusterSettings, MemberState, MetaCommand, MetaError, MetaNode, MetaResponse, SettingsChange,
+    TokenRecord,
+};
 
 pub(crate) struct MetaControl(pub MetaNode);
 
@@ -12,9 +16,19 @@ fn admin_error(err: MetaError) -> AdminError {
     match err {
         MetaError::NoLeader | MetaError::Unreachable(_) => AdminError::Unavailable(err.to_string()),
         MetaError::NotAMember(_) => AdminError::NotFound(err.to_string()),
+        MetaError::TooLarge(_) => AdminError::Invalid(err.to_string()),
         MetaError::Storage(_) | MetaError::Raft(_) | MetaError::Config(_) => {
             AdminError::Internal(err.to_string())
         }
+    }
+}
+
+pub(crate) fn settings_view(settings: &ClusterSettings) -> SettingsView {
+    SettingsView {
+        replication_factor: settings.replication_factor,
+        write_quorum: settings.write_quorum,
+        on_degraded: settings.on_degraded.clone(),
+        max_voters: settings.max_voters,
     }
 }
 
@@ -36,6 +50,12 @@ impl ClusterControl for MetaControl {
             StatusView {
                 node_id: status.node_id,
                 leader_id: status.leader_id,
+                leaderless_ms: status.leaderless_ms,
+                tokens: status.tokens as u64,
+                snapshot_bytes: status.snapshot_bytes,
+                settings: Some(settings_view(&self.0.state().cluster.settings)),
+                ring: None,
+                previous_ring: None,
                 term: status.term,
                 last_log_index: status.last_log_index,
                 applied_index: status.applied_index,
@@ -63,20 +83,51 @@ impl ClusterControl for MetaControl {
         })
     }
 
-    fn tokens(&self) -> Vec<TokenView> {
-        self.0
-            .state()
-            .cluster
-            .tokens
-            .into_iter()
-            .map(|(name, t)| TokenView {
-                name,
-                scope: t.scope,
-                created_ms: t.created_ms,
-                namespace: t.namespace,
-                read_from: t.read_from,
-            })
-            .collect()
+    fn tokens(&self) -> BoxFuture<'_, Result<Vec<TokenView>, AdminError>> {
+        Box::pin(async move {
+            let meta = self.0.clone();
+            // Reads the whole table: off the runtime's threads.
+            let tokens = tokio::task::spawn_blocking(move || meta.tokens())
+                .await
+                .map_err(|e| AdminError::Internal(e.to_string()))?
+                .map_err(admin_error)?;
+            Ok(tokens
+                .into_iter()
+                .map(|(name, t)| TokenView {
+                    name,
+                    scope: t.scope,
+                    created_ms: t.created_ms,
+                    namespace: t.namespace,
+                    read_from: t.read_from,
+                })
+                .collect())
+        })
+    }
+
+    fn settings(&self) -> SettingsView {
+        settings_view(&self.0.state().cluster.settings)
+    }
+
+    fn update_settings(
+        &self,
+        update: SettingsUpdate,
+    ) -> BoxFuture<'_, Result<SettingsView, AdminError>> {
+        Box::pin(async move {
+            let change = SettingsChange {
+                replication_factor: update.replication_factor,
+                write_quorum: update.write_quorum,
+                on_degraded: update.on_degraded,
+                max_voters: update.max_voters,
+            };
+            match self.0.write(MetaCommand::UpdateSettings { change }).await {
+                Ok(MetaResponse::Settings { settings, .. }) => Ok(settings_view(&settings)),
+                Ok(MetaResponse::Invalid { reason }) => Err(AdminError::Invalid(format!(
+                    "Refused: {reason}. Nothing was changed."
+                ))),
+                Ok(other) => Err(AdminError::Internal(format!("unexpected answer {other:?}"))),
+                Err(err) => Err(admin_error(err)),
+            }
+        })
     }
 
     fn create_token(&self, spec: TokenSpec) -> BoxFuture<'_, Result<String, AdminError>> {

@@ -9,7 +9,9 @@ use http::StatusCode;
 use std::collections::BTreeMap;
 
 use nxcache_auth::{Digest, Scope, load_or_create_token};
-use nxcache_meta::{Faults, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord};
+use nxcache_meta::{
+    ClusterSettings, Faults, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord,
+};
 use nxcache_rpc::{ClusterSecret, PeerTls};
 
 use crate::cluster::now_ms;
@@ -158,45 +160,119 @@ fn cluster_secret(config: &ServeConfig) -> anyhow::Result<ClusterSecret> {
     ClusterSecret::new(&secret).map_err(anyhow::Error::msg)
 }
 
-/// Writes the cluster settings given on this node's command line (or file) when they
-/// differ from the cluster's: the latest node started with a setting decides it.
-async fn apply_settings(meta: &MetaNode, cluster: &nxcache_config::ClusterConfig) {
-    if cluster.replication_factor.is_none()
-        && cluster.write_quorum.is_none()
-        && cluster.on_degraded.is_none()
-        && cluster.max_voters.is_none()
-    {
-        return;
+/// The settings a new cluster starts with: this node's flags over the defaults.
+fn initial_settings(cluster: &nxcache_config::ClusterConfig) -> ClusterSettings {
+    let defaults = ClusterSettings::default();
+    ClusterSettings {
+        replication_factor: cluster
+            .replication_factor
+            .unwrap_or(defaults.replication_factor),
+        write_quorum: cluster.write_quorum.unwrap_or(defaults.write_quorum),
+        on_degraded: cluster.on_degraded.clone().unwrap_or(defaults.on_degraded),
+        max_voters: cluster.max_voters.unwrap_or(defaults.max_voters),
     }
-    if !meta.wait_ready(Duration::from_secs(30)).await {
-        tracing::warn!("no leader: the cluster settings given to this node were not applied");
-        return;
-    }
-    let current = meta.state().cluster.settings;
-    let mut wanted = current.clone();
-    if let Some(rf) = cluster.replication_factor {
-        wanted.replication_factor = rf;
-    }
-    if let Some(w) = cluster.write_quorum {
-        wanted.write_quorum = w;
-    }
-    if let Some(v) = cluster.max_voters {
-        wanted.max_voters = v;
-    }
-    if let Some(p) = &cluster.on_degraded {
-        wanted.on_degraded = p.clone();
-    }
-    if wanted == current {
-        return;
-    }
-    match meta
-        .write(nxcache_meta::MetaCommand::SetSettings {
-            settings: wanted.clone(),
+}
+
+/// One line per setting given to this node that differs from the cluster's: the
+/// cluster's value stays, and the line says how to change it.
+pub(crate) fn settings_warnings(
+    cluster: &nxcache_config::ClusterConfig,
+    current: &ClusterSettings,
+) -> Vec<String> {
+    let quorum = |w: u32| match w {
+        0 => "0 (a majority)".to_owned(),
+        w => w.to_string(),
+    };
+    // (flag, setting, given to this node, the cluster's, the cluster's as shown)
+    let settings = [
+        (
+            "--replication-factor",
+            "replication factor",
+            cluster.replication_factor.map(|v| v.to_string()),
+            current.replication_factor.to_string(),
+            current.replication_factor.to_string(),
+        ),
+        (
+            "--write-quorum",
+            "write quorum",
+            cluster.write_quorum.map(|v| v.to_string()),
+            current.write_quorum.to_string(),
+            quorum(current.write_quorum),
+        ),
+        (
+            "--on-degraded",
+            "degraded policy",
+            cluster.on_degraded.clone(),
+            current.on_degraded.clone(),
+            current.on_degraded.clone(),
+        ),
+        (
+            "--max-voters",
+            "max voters",
+            cluster.max_voters.map(|v| v.to_string()),
+            current.max_voters.to_string(),
+            current.max_voters.to_string(),
+        ),
+    ];
+    settings
+        .into_iter()
+        .filter_map(|(flag, name, given, now, shown)| {
+            let given = given.filter(|g| *g != now)?;
+            Some(format!(
+                "{flag} {given} is ignored: the cluster's {name} is {shown}. Flags only set up a new cluster; to change it, run `nxcache admin settings set {flag} {given}`"
+            ))
         })
-        .await
-    {
-        Ok(_) => tracing::info!(?wanted, "cluster settings updated"),
-        Err(err) => tracing::warn!(%err, "could not update the cluster settings"),
+        .collect()
+}
+
+/// Sets a new cluster's settings from this node's flags, once it holds the cluster's
+/// state; in an existing cluster, warns about flags that differ (they change nothing).
+async fn settle_settings(
+    meta: MetaNode,
+    cluster: nxcache_config::ClusterConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    while meta.readiness().is_err() {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    if !meta.state().cluster.settings_initialized {
+        let command = nxcache_meta::MetaCommand::InitSettings {
+            settings: initial_settings(&cluster),
+        };
+        loop {
+            let written = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                written = meta.write(command.clone()) => written,
+            };
+            match written {
+                Ok(nxcache_meta::MetaResponse::Settings { settings, changed }) => {
+                    if changed {
+                        tracing::info!(
+                            ?settings,
+                            "cluster settings set from this node's configuration"
+                        );
+                    }
+                    break;
+                }
+                Ok(other) => {
+                    tracing::warn!(?other, "the cluster refused this node's settings");
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "setting the cluster settings waits for a leader");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+    for warning in settings_warnings(&cluster, &meta.state().cluster.settings) {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -288,10 +364,27 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     .await
     .context("cannot start the cluster metadata node")?;
     if config.cluster.bootstrap && !meta.wait_ready(Duration::from_secs(30)).await {
-        tracing::warn!("no leader after 30 s: serving anyway; /readyz says why it is not ready");
+        tracing::warn!("not ready after 30 s: serving anyway; /readyz says why");
     }
     topology.attach(meta.clone());
-    apply_settings(&meta, &config.cluster).await;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut workers = Vec::new();
+    let settling = tokio::spawn(settle_settings(
+        meta.clone(),
+        config.cluster.clone(),
+        stop_rx.clone(),
+    ));
+    if config.cluster.bootstrap || meta.readiness().is_ok() {
+        // A new cluster's first requests already see its settings; a restarted node has
+        // compared its flags before it serves. A joining node does it once it joined.
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while !settling.is_finished() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    workers.push(settling);
     let hints_dir = config.data_dir.join("hints");
     let hints = tokio::task::spawn_blocking(move || nxcache_replication::HintLog::open(&hints_dir))
         .await?
@@ -325,7 +418,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         uploads: nxcache_http::UploadSlots::new(config.max_concurrent_uploads),
     };
     let router = nxcache_http::router(state);
-    let (stop, stop_rx) = watch::channel(false);
     let serving = tokio::spawn(serve(
         listener,
         router,
@@ -337,7 +429,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         },
         stop_rx.clone(),
     ));
-    let mut workers = Vec::new();
     {
         let store = store.clone();
         let mut stop_rx = stop_rx.clone();
@@ -391,4 +482,69 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     }
     tracing::info!(url = %node.base_url(), data_dir = %config.data_dir.display(), "nxcache is serving");
     Ok(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use nxcache_config::{FileConfig, ServeArgs, ServeConfig};
+
+    use super::*;
+
+    fn cluster_flags(args: ServeArgs) -> nxcache_config::ClusterConfig {
+        ServeConfig::merge(args, FileConfig::default())
+            .unwrap()
+            .cluster
+    }
+
+    #[test]
+    fn flags_that_differ_from_the_cluster_are_named_with_the_command_that_changes_them() {
+        let current = ClusterSettings {
+            replication_factor: 3,
+            write_quorum: 0,
+            on_degraded: "serve".into(),
+            max_voters: 3,
+        };
+        // No flags, or flags equal to the cluster's: nothing to say.
+        assert!(settings_warnings(&cluster_flags(ServeArgs::default()), &current).is_empty());
+        let same = cluster_flags(ServeArgs {
+            replication_factor: Some(3),
+            on_degraded: Some("serve".into()),
+            ..ServeArgs::default()
+        });
+        assert!(settings_warnings(&same, &current).is_empty());
+        let other = cluster_flags(ServeArgs {
+            replication_factor: Some(2),
+            write_quorum: Some(2),
+            on_degraded: Some("strict".into()),
+            ..ServeArgs::default()
+        });
+        let warnings = settings_warnings(&other, &current);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(
+            warnings[0].contains("the cluster's replication factor is 3")
+                && warnings[0].contains("nxcache admin settings set --replication-factor 2"),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[1].contains("write quorum is 0 (a majority)"),
+            "{}",
+            warnings[1]
+        );
+        assert!(
+            warnings[2].contains("--on-degraded strict"),
+            "{}",
+            warnings[2]
+        );
+        // A new cluster starts from the flags, the rest from the defaults.
+        let initial = initial_settings(&other);
+        assert_eq!(
+            (
+                initial.replication_factor,
+                initial.write_quorum,
+                initial.max_voters
+            ),
+            (2, 2, 3)
+        );
+    }
 }

@@ -1,25 +1,20 @@
-//! The data plane's view of the cluster, computed from the metadata log.
+//! The data plane's view of the cluster, computed from the metadata log's applied state.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use nxcache_meta::{ClusterSettings, MemberNode, MemberState, MetaNode};
+use nxcache_meta::{MetaNode, Placement, RingSpec};
 use nxcache_placement::{DEFAULT_VNODES, Member, Ring};
 use nxcache_replication::{ClusterView, DegradedPolicy, Topology};
 
-/// Placement from the replicated membership and settings. Until the metadata node is
-/// running the node sees itself alone.
+/// Placement from the applied state: the ring, the ring before it and the settings all
+/// come from the state machine, so one ring epoch is one ring on every node, and a
+/// member whose admission is not committed yet is never an owner. Until the metadata
+/// node is running the node sees itself alone.
 pub(crate) struct MetaTopology {
     me: u64,
     meta: OnceLock<MetaNode>,
-    cached: Mutex<Option<Cached>>,
-}
-
-/// What the view was built from, and the view.
-struct Cached {
-    epoch: u64,
-    settings: ClusterSettings,
-    members: Vec<(u64, MemberNode)>,
-    view: Arc<ClusterView>,
+    /// The view and the placement version it was built from.
+    cached: Mutex<Option<(u64, Arc<ClusterView>)>>,
 }
 
 impl MetaTopology {
@@ -36,34 +31,28 @@ impl MetaTopology {
     }
 }
 
-/// The view for a membership: draining members own nothing (but are still read from
-/// and still reachable); a majority of the replicas is the default write quorum.
-pub(crate) fn build_view(
-    me: u64,
-    epoch: u64,
-    settings: &ClusterSettings,
-    members: &[(u64, MemberNode)],
-    states: &std::collections::BTreeMap<u64, MemberState>,
-    previous: Option<Ring>,
-) -> ClusterView {
-    let to_member = |(id, n): &(u64, MemberNode)| Member {
-        id: *id,
-        zone: n.zone.clone(),
-    };
-    let mut active: Vec<Member> = members
+fn ring_of(spec: &RingSpec) -> Ring {
+    let members: Vec<Member> = spec
+        .members
         .iter()
-        .filter(|(id, _)| states.get(id).copied().unwrap_or_default() == MemberState::Active)
-        .map(to_member)
+        .map(|(id, zone)| Member {
+            id: *id,
+            zone: zone.clone(),
+        })
         .collect();
-    if active.is_empty() {
-        active = members.iter().map(to_member).collect();
-    }
-    let ring = Ring::new(
-        epoch,
-        &active,
-        settings.replication_factor.max(1) as usize,
+    Ring::new(
+        spec.epoch,
+        &members,
+        spec.replication_factor.max(1) as usize,
         DEFAULT_VNODES,
-    );
+    )
+}
+
+/// The view for an applied placement; a majority of the replicas is the default write
+/// quorum.
+pub(crate) fn build_view(me: u64, placement: &Placement) -> ClusterView {
+    let ring = ring_of(&placement.ring);
+    let settings = &placement.settings;
     let write_quorum = match settings.write_quorum {
         0 => ring.write_quorum(),
         w => w as usize,
@@ -71,11 +60,8 @@ pub(crate) fn build_view(
     ClusterView {
         me,
         ring,
-        previous,
-        addrs: members
-            .iter()
-            .map(|(id, n)| (*id, n.grpc_addr.clone()))
-            .collect(),
+        previous: placement.previous_ring.as_ref().map(ring_of),
+        addrs: placement.addrs.iter().cloned().collect(),
         write_quorum,
         policy: DegradedPolicy::parse(&settings.on_degraded).unwrap_or(DegradedPolicy::Serve),
     }
@@ -86,66 +72,63 @@ impl Topology for MetaTopology {
         let Some(meta) = self.meta.get() else {
             return Arc::new(ClusterView::lone(self.me));
         };
-        let (epoch, settings, states) = meta.placement_inputs();
-        let members = meta.members();
+        let version = meta.placement_version();
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = &*cached
-            && c.epoch == epoch
-            && c.settings == settings
-            && c.members == members
+        if let Some((built_from, view)) = &*cached
+            && *built_from == version
         {
-            return c.view.clone();
+            return view.clone();
         }
-        // Reads fall back to the ring before the last change while data moves.
-        let previous = cached.as_ref().and_then(|c| {
-            if c.epoch == epoch {
-                c.view.previous.clone()
-            } else {
-                Some(c.view.ring.clone())
-            }
-        });
-        let view = Arc::new(build_view(
-            self.me, epoch, &settings, &members, &states, previous,
-        ));
-        *cached = Some(Cached {
-            epoch,
-            settings,
-            members,
-            view: view.clone(),
-        });
+        let placement = meta.placement();
+        let view = Arc::new(build_view(self.me, &placement));
+        *cached = Some((placement.version, view.clone()));
         view
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use nxcache_meta::ClusterSettings;
+
     use super::*;
 
-    fn member(zone: &str) -> MemberNode {
-        MemberNode {
-            grpc_addr: "127.0.0.1:1".into(),
-            http_addr: String::new(),
-            zone: zone.into(),
+    fn spec(epoch: u64, ids: &[u64]) -> RingSpec {
+        RingSpec {
+            epoch,
+            replication_factor: 3,
+            members: ids.iter().map(|id| (*id, String::new())).collect(),
         }
     }
 
     #[test]
-    fn draining_members_own_nothing_and_quorum_defaults_to_a_majority() {
-        let members: Vec<(u64, MemberNode)> = (0..4).map(|i| (i, member(""))).collect();
-        let states = [(3, MemberState::Draining)].into();
-        let view = build_view(0, 5, &ClusterSettings::default(), &members, &states, None);
+    fn the_view_is_the_applied_ring_and_its_predecessor() {
+        let placement = Placement {
+            version: 1,
+            ring: spec(5, &[0, 1, 2]),
+            previous_ring: Some(spec(4, &[0, 1, 2, 3])),
+            settings: ClusterSettings::default(),
+            addrs: (0..4).map(|i| (i, "127.0.0.1:1".to_owned())).collect(),
+        };
+        let view = build_view(0, &placement);
+        assert_eq!(view.epoch(), 5);
         assert_eq!(view.ring.replicas(), 3);
         assert_eq!(view.quorum(), 2);
         assert_eq!(view.addrs.len(), 4, "a draining member is still reachable");
+        assert_eq!(view.previous.as_ref().map(Ring::epoch), Some(4));
         for k in 0..200 {
             assert!(!view.owners(&k.to_string()).contains(&3));
         }
-        let strict = ClusterSettings {
-            write_quorum: 3,
-            on_degraded: "strict".into(),
-            ..ClusterSettings::default()
+        // Built twice from the same applied state: the same ring.
+        assert_eq!(build_view(1, &placement).ring.digest(), view.ring.digest());
+        let strict = Placement {
+            settings: ClusterSettings {
+                write_quorum: 3,
+                on_degraded: "strict".into(),
+                ..ClusterSettings::default()
+            },
+            ..placement
         };
-        let view = build_view(0, 5, &strict, &members, &states, None);
+        let view = build_view(0, &strict);
         assert_eq!(view.quorum(), 3);
         assert_eq!(view.policy, DegradedPolicy::Strict);
     }

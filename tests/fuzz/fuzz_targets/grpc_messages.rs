@@ -4,12 +4,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nxcache_meta::{MetaCommand, NodeId, TypeConfig};
+use nxcache_meta::{MetaCommand, NodeId, SnapshotChunkHeader, TypeConfig};
 use nxcache_rpc::pb;
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     let _ = pb::RaftMessage::decode(data);
+    let _ = pb::SnapshotChunk::decode(data);
     let _ = pb::JoinRequest::decode(data);
     let _ = pb::JoinResponse::decode(data);
     let _ = pb::WriteRequest::decode(data);
@@ -30,6 +31,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = pb::HeadResponse::decode(data);
     let _ = serde_json::from_slice::<openraft::raft::AppendEntriesRequest<TypeConfig>>(data);
     let _ = serde_json::from_slice::<openraft::raft::VoteRequest<NodeId>>(data);
-    let _ = serde_json::from_slice::<openraft::raft::InstallSnapshotRequest<TypeConfig>>(data);
+    let _ = serde_json::from_slice::<SnapshotChunkHeader>(data);
     let _ = serde_json::from_slice::<MetaCommand>(data);
 });

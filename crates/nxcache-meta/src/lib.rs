@@ -16,7 +16,9 @@ mod node;
 mod service;
 mod state_machine;
 mod types;
+mod upkeep;
 
+pub use bootstrap::Formation;
 pub use log_store::SledLogStore;
 pub use metrics::MetaMetrics;
 pub use network::Faults;

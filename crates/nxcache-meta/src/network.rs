@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use nxcache_rpc::pb::RaftMessage;
 use nxcache_rpc::pb::raft_client::RaftClient;
-use nxcache_rpc::{ClientSecret, ClusterSecret, GrpcClientMetrics, PeerChannel};
+use nxcache_rpc::{
+    ClientSecret, ClusterSecret, GrpcClientMetrics, PeerChannel, TARGET_INCARNATION_HEADER,
+};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -79,6 +81,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             .map_err(|e| e.to_string());
         GrpcNetwork {
             target,
+            target_incarnation: node.incarnation,
             client,
             faults: self.faults.clone(),
             metrics: self.metrics.clone(),
@@ -88,6 +91,8 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
 
 pub struct GrpcNetwork {
     target: NodeId,
+    /// The target's incarnation as this node's membership records it (0: not recorded).
+    target_incarnation: u64,
     client: Result<PeerClient, String>,
     faults: Faults,
     metrics: MetaMetrics,
@@ -135,7 +140,15 @@ impl GrpcNetwork {
         };
         let payload =
             serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let message = tonic::Request::new(RaftMessage { payload });
+        let mut message = tonic::Request::new(RaftMessage { payload });
+        if self.target_incarnation != 0 {
+            // Addressed to the data dir the membership names: a node back with an empty
+            // disk refuses it instead of voting with a log it has lost.
+            message.metadata_mut().insert(
+                TARGET_INCARNATION_HEADER,
+                tonic::metadata::MetadataValue::from(self.target_incarnation),
+            );
+        }
         let started = Instant::now();
         let call = async {
             match rpc {

@@ -160,8 +160,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             let s: StatusView = serde_json::from_str(&text)?;
             let leader = s.leader_id.map_or("none".to_owned(), |l| l.to_string());
             println!(
-                "answered by node {}; leader: {leader}; term {}; commit index {}; applied index {}; last log index {}; ring epoch {}",
-                s.node_id, s.term, s.commit_index, s.applied_index, s.last_log_index, s.ring_epoch
+                "answered by node {} of cluster {}; leader: {leader}; term {}; commit index {}; applied index {}; last log index {}; ring epoch {}",
+                s.node_id,
+                s.cluster_id.as_deref().unwrap_or("(none yet)"),
+                s.term,
+                s.commit_index,
+                s.applied_index,
+                s.last_log_index,
+                s.ring_epoch
             );
             print_members(&s.members);
         }

@@ -9,7 +9,7 @@ use http::StatusCode;
 use std::collections::BTreeMap;
 
 use nxcache_auth::{Digest, Scope, load_or_create_token};
-use nxcache_meta::{Faults, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord};
+use nxcache_meta::{Faults, Formation, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord};
 use nxcache_rpc::{ClusterSecret, PeerTls};
 
 use crate::cluster::now_ms;
@@ -117,8 +117,9 @@ fn seed_tokens(
             seeds.insert(format!("{prefix}-{}", i + 1), record(t.expose(), scope));
         }
     }
-    if !seeds.is_empty() || !config.cluster.bootstrap {
-        // A joining node with no tokens of its own uses the cluster's.
+    if !seeds.is_empty() || config.cluster.formation != nxcache_config::Formation::Found {
+        // A joining node with no tokens of its own uses the cluster's (and a node that
+        // may found one with others cannot know whether its generated token would win).
         return Ok((seeds, None));
     }
     // Never run open: a new cluster with no token configured gets one, kept on disk.
@@ -264,10 +265,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 grpc_addr: config.cluster.advertise.clone(),
                 http_addr: config.cluster.advertise_http.clone(),
                 zone: config.cluster.zone.clone(),
+                ..MemberNode::default()
             },
             secret: secret.clone(),
             tls: peer_tls.clone(),
-            bootstrap: config.cluster.bootstrap,
+            formation: match config.cluster.formation {
+                nxcache_config::Formation::Found => Formation::Found,
+                nxcache_config::Formation::Join => Formation::Join,
+                nxcache_config::Formation::Expect { expect, founder } => {
+                    Formation::Expect { expect, founder }
+                }
+            },
             join: config.cluster.join.clone(),
             seed_tokens: seeds,
             timing: RaftTiming::default(),
@@ -287,7 +295,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     )
     .await
     .context("cannot start the cluster metadata node")?;
-    if config.cluster.bootstrap && !meta.wait_ready(Duration::from_secs(30)).await {
+    // A node that founds its cluster alone has a leader within moments; the others serve
+    // at once (and say in /readyz what they wait for) while their cluster forms.
+    if config.cluster.formation == nxcache_config::Formation::Found
+        && !meta.wait_ready(Duration::from_secs(30)).await
+    {
         tracing::warn!("no leader after 30 s: serving anyway; /readyz says why it is not ready");
     }
     topology.attach(meta.clone());

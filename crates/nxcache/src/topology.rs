@@ -126,6 +126,7 @@ mod tests {
             grpc_addr: "127.0.0.1:1".into(),
             http_addr: String::new(),
             zone: zone.into(),
+            ..MemberNode::default()
         }
     }
 

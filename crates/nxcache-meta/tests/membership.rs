@@ -282,3 +282,79 @@ async fn a_removed_voter_is_replaced_by_a_caught_up_learner() {
         m.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_fills_in_incarnations_missing_from_older_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members: Vec<Member> = (1..=3).map(|id| Member::new(id, tmp.path())).collect();
+    let seed = vec![members[0].addr.clone()];
+    members[0].start(Formation::Found, vec![]).await;
+    for m in &mut members[1..] {
+        m.start(Formation::Join, seed.clone()).await;
+    }
+    wait("one cluster of three", Duration::from_secs(30), || {
+        one_settled_cluster(&members, 3, 3)
+    })
+    .await;
+    wait("two joins answered", Duration::from_secs(60), || {
+        members[0].counter_where(
+            "nxcache_grpc_server_calls_total",
+            &[("method", "Membership/Join"), ("code", "0")],
+        ) >= 2.0
+    })
+    .await;
+    // Records as an older version wrote them: no incarnation.
+    let leader = members[0].node().leader().unwrap();
+    let raft = members[(leader - 1) as usize].node().raft();
+    let old_records: BTreeMap<NodeId, MemberNode> = members[0]
+        .node()
+        .members()
+        .into_iter()
+        .map(|(id, n)| {
+            (
+                id,
+                MemberNode {
+                    incarnation: 0,
+                    ..n
+                },
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The leader may be settling a change of its own: retry while one is in progress.
+    while let Err(err) = raft
+        .change_membership(openraft::ChangeMembers::SetNodes(old_records.clone()), true)
+        .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "cannot rewrite the records: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        members[0]
+            .node()
+            .status()
+            .members
+            .iter()
+            .any(|m| m.incarnation == 0)
+    );
+    wait(
+        "every record carries its member's incarnation again",
+        Duration::from_secs(20),
+        || {
+            members.iter().all(|m| {
+                m.node()
+                    .status()
+                    .members
+                    .iter()
+                    .all(|r| r.incarnation == members[(r.id - 1) as usize].node().incarnation())
+            })
+        },
+    )
+    .await;
+    for m in &mut members {
+        m.stop().await;
+    }
+}

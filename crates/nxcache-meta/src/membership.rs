@@ -215,7 +215,7 @@ impl MetaNode {
         let members = self.members();
         let wanted = max_voters.min(members.len());
         let mut voters = self.voters();
-        for (id, _) in members {
+        for (id, node) in members {
             if voters.len() >= wanted {
                 break;
             }
@@ -223,7 +223,13 @@ impl MetaNode {
             if voters.contains(&id) || draining {
                 continue;
             }
-            // Only a learner that holds the log.
+            // Only a learner that answers from the data dir its record names (not one
+            // back on an empty disk, whose old progress may still look caught up)...
+            let answered = self.reported_incarnation(id, &node).await;
+            if !answered.is_some_and(|i| node.incarnation == 0 || i == node.incarnation) {
+                continue;
+            }
+            // ...and holds the log.
             let quick = deadline.min(Instant::now() + patience);
             if self.wait_caught_up(id, quick).await.is_err() {
                 continue;

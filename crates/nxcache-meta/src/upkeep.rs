@@ -146,7 +146,7 @@ impl MetaNode {
 
     /// The incarnation a member with Raft state reports; None if it does not answer, has
     /// no state, or predates incarnations.
-    async fn reported_incarnation(&self, id: u64, node: &MemberNode) -> Option<u64> {
+    pub(crate) async fn reported_incarnation(&self, id: u64, node: &MemberNode) -> Option<u64> {
         if self.inner.faults.is_cut(id) {
             return None;
         }

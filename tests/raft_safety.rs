@@ -23,21 +23,27 @@ fn settled(status: &serde_json::Value, members: usize) -> bool {
         && list.iter().filter(|m| m["role"] == "voter").count() == members.min(3)
 }
 
-/// Waits until every node in `urls` is settled with the others and names the same leader.
+/// Waits until every node in `urls` is settled with the others and names the same leader;
+/// on timeout, the panic shows what each node last said.
 async fn wait_whole(urls: &[String], what: &str) {
-    wait_until(Duration::from_secs(120), what, || {
-        let urls = urls.to_vec();
-        async move {
-            let statuses: Vec<_> = urls.iter().map(|u| admin_status(u)).collect();
-            statuses
-                .iter()
-                .all(|s| s.as_ref().is_some_and(|s| settled(s, urls.len())))
-                && statuses.iter().all(|s| {
-                    leader_of(s.as_ref().unwrap()) == leader_of(statuses[0].as_ref().unwrap())
-                })
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let statuses: Vec<_> = urls.iter().map(|u| admin_status(u)).collect();
+        let whole = statuses
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| settled(s, urls.len())))
+            && statuses.iter().all(|s| {
+                leader_of(s.as_ref().unwrap()) == leader_of(statuses[0].as_ref().unwrap())
+            });
+        if whole {
+            return;
         }
-    })
-    .await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}; the nodes said: {statuses:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Whether `url` accepts `token` (a GET of a key nobody wrote: 404 when the token is

@@ -202,9 +202,10 @@ impl MetaNode {
         Ok(())
     }
 
-    /// Promotes caught-up active learners while there are fewer voters than
-    /// min(`max_voters`, members), giving each up to `patience` to catch up. The caller
-    /// holds the membership lock.
+    /// Promotes caught-up learners while there are fewer voters than min(`max_voters`,
+    /// members), giving each up to `patience` to catch up: active ones first, draining
+    /// ones only when no active one can (a draining member still counts until it is
+    /// removed). The caller holds the membership lock.
     pub(crate) async fn top_up_voters(
         &self,
         deadline: Instant,
@@ -215,13 +216,17 @@ impl MetaNode {
         let members = self.members();
         let wanted = max_voters.min(members.len());
         let mut voters = self.voters();
-        for (id, node) in members {
+        let mut learners: Vec<(NodeId, MemberNode)> = members
+            .into_iter()
+            .filter(|(id, _)| !voters.contains(id))
+            .collect();
+        let draining =
+            |id: &NodeId| state.cluster.member_states.get(id) == Some(&MemberState::Draining);
+        // Stable: active learners first, each group by id.
+        learners.sort_by_key(|(id, _)| draining(id));
+        for (id, node) in learners {
             if voters.len() >= wanted {
                 break;
-            }
-            let draining = state.cluster.member_states.get(&id) == Some(&MemberState::Draining);
-            if voters.contains(&id) || draining {
-                continue;
             }
             // Only a learner that answers from the data dir its record names (not one
             // back on an empty disk, whose old progress may still look caught up)...

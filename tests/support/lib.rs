@@ -318,6 +318,75 @@ impl ProcessCluster {
     }
 }
 
+impl ProcessCluster {
+    /// `size` nodes (ids 1..=size) sharing one configuration, as in a StatefulSet or the
+    /// compose file: every node gets the whole seed list and `formation` (the flags that
+    /// say how a cluster is formed), and all are started at once.
+    pub fn start_shared(size: usize, formation: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let grpc_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let seeds = grpc_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = std::thread::scope(|scope| {
+            let starting: Vec<_> = grpc_ports
+                .iter()
+                .enumerate()
+                .map(|(i, grpc)| {
+                    let grpc_addr = format!("127.0.0.1:{grpc}");
+                    let mut args = vec![
+                        "--node-id".to_string(),
+                        (i + 1).to_string(),
+                        "--listen".into(),
+                        format!("127.0.0.1:{}", free_port()),
+                        "--grpc-listen".into(),
+                        grpc_addr.clone(),
+                        "--advertise".into(),
+                        grpc_addr,
+                        "--join".into(),
+                        seeds.clone(),
+                    ];
+                    args.extend(formation.iter().map(|s| s.to_string()));
+                    let data_dir = dir.path().join(format!("node-{}", i + 1));
+                    scope.spawn(move || {
+                        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+                        NodeProcess::start(
+                            &data_dir,
+                            &args,
+                            &[
+                                ("NXCACHE_CLUSTER_SECRET", CLUSTER_SECRET),
+                                ("NXCACHE_READ_WRITE_TOKENS", RW_TOKEN),
+                                ("NXCACHE_READ_ONLY_TOKENS", RO_TOKEN),
+                                ("NXCACHE_ADMIN_TOKENS", ADMIN_TOKEN),
+                            ],
+                        )
+                    })
+                })
+                .collect();
+            starting
+                .into_iter()
+                .map(|s| s.join().expect("a node failed to start"))
+                .collect()
+        });
+        ProcessCluster {
+            nodes,
+            grpc_ports,
+            _dir: dir,
+        }
+    }
+}
+
+/// Sends a signal (`STOP`, `CONT`, ...) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}
+
 /// Nodes of one cluster in this test process, on fixed loopback ports (so a stopped node
 /// restarts where it was). Node 0 bootstraps; the others join through it.
 pub struct InProcessCluster {
@@ -440,8 +509,7 @@ impl InProcessCluster {
     /// Starts a stopped node again, same id, ports and data.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "node {i} is running");
-        let mut config = self.configs[i].clone();
-        config.cluster.bootstrap = i == 0;
+        let config = self.configs[i].clone();
         self.nodes[i] = Some(nxcache::start(config).await.unwrap());
     }
 

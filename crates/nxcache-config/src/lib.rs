@@ -145,16 +145,25 @@ pub struct ServeArgs {
     /// Failure domain of this node (rack, zone), for placement.
     #[arg(long, env = "NXCACHE_ZONE", value_name = "NAME")]
     pub zone: Option<String>,
-    /// Start a new cluster if this node has no cluster state yet [default: when --join is
-    /// not given]
+    /// Found a new cluster of one if this node has no cluster state yet (the first node of
+    /// a cluster that others then --join); not with --join [default: when --join is not
+    /// given]
     #[arg(long, env = "NXCACHE_BOOTSTRAP")]
     pub bootstrap: bool,
-    /// The one node id that bootstraps (as --bootstrap) while the others join: lets every
-    /// node of a StatefulSet or compose file share one configuration
+    /// With --join listing every node that starts the cluster (the same list on each):
+    /// nodes without cluster state found it together once all the seeds answer, none is in
+    /// a cluster yet and they are at least N; until then they wait. A node that finds a
+    /// seed in a cluster joins it instead
+    #[arg(long, env = "NXCACHE_BOOTSTRAP_EXPECT", value_name = "N")]
+    pub bootstrap_expect: Option<usize>,
+    /// With --join: the node id that initialises the cluster formed as with
+    /// --bootstrap-expect (default: the lowest id). Kept for older set-ups; prefer
+    /// --bootstrap-expect
     #[arg(long, env = "NXCACHE_BOOTSTRAP_NODE", value_name = "ID")]
     pub bootstrap_node: Option<u64>,
-    /// Comma-separated gRPC addresses (host:port) of members to join through, when this
-    /// node has no cluster state yet.
+    /// Comma-separated gRPC addresses (host:port) of the seeds: members to join through,
+    /// or the nodes that form the cluster together (--bootstrap-expect), when this node
+    /// has no cluster state yet.
     #[arg(
         long,
         env = "NXCACHE_JOIN",
@@ -237,6 +246,7 @@ pub struct FileConfig {
     pub advertise_http: Option<String>,
     pub zone: Option<String>,
     pub bootstrap: Option<bool>,
+    pub bootstrap_expect: Option<usize>,
     pub bootstrap_node: Option<u64>,
     pub join: Option<Vec<String>>,
     pub cluster_secret: Option<Secret>,
@@ -296,6 +306,53 @@ pub struct ServeConfig {
     pub cluster: ClusterConfig,
 }
 
+/// How a node without cluster state becomes a member (a node with state resumes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Formation {
+    /// Found a cluster of one at once: no seeds (a lone node), or `--bootstrap`.
+    Found,
+    /// Join through the seeds; never found a cluster.
+    Join,
+    /// Found a cluster with the seeds once every seed answers, none is in a cluster and
+    /// they are at least `expect` nodes; `founder` (default: the lowest id) initialises it.
+    Expect { expect: usize, founder: Option<u64> },
+}
+
+/// The formation the flags ask for. A node never founds a cluster on its own while it has
+/// seeds, since a seed that does not answer may hold one.
+fn formation(
+    bootstrap: bool,
+    expect: Option<usize>,
+    founder: Option<u64>,
+    node_id: u64,
+    has_seeds: bool,
+) -> Result<Formation, ConfigError> {
+    let invalid = |m: &str| Err(ConfigError::Invalid(m.into()));
+    if expect == Some(0) {
+        return invalid("--bootstrap-expect must be at least 1");
+    }
+    match (has_seeds, bootstrap, expect, founder) {
+        (true, true, _, _) => invalid(
+            "--bootstrap with --join could found a second cluster whenever the seeds do not \
+             answer: give every node that starts the cluster the same --join list and \
+             --bootstrap-expect N (how many they are), or drop --bootstrap on a node that joins",
+        ),
+        (true, false, None, None) => Ok(Formation::Join),
+        (true, false, expect, founder) => Ok(Formation::Expect {
+            expect: expect.unwrap_or(1),
+            founder,
+        }),
+        (false, _, Some(n), _) if n > 1 => invalid(
+            "--bootstrap-expect above 1 needs --join with the gRPC addresses of the nodes that \
+             form the cluster",
+        ),
+        (false, _, _, Some(id)) if id != node_id => invalid(
+            "--bootstrap-node names another node: give this node --join with the seeds to join",
+        ),
+        (false, _, _, _) => Ok(Formation::Found),
+    }
+}
+
 /// How this node takes part in a cluster. A single node is a one-member cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -306,8 +363,8 @@ pub struct ClusterConfig {
     /// Base URL of this node's HTTP API for clients and peers.
     pub advertise_http: String,
     pub zone: String,
-    /// Start a new cluster when there is no state (else join through `join`).
-    pub bootstrap: bool,
+    /// How the node becomes a member when it has no cluster state.
+    pub formation: Formation,
     pub join: Vec<String>,
     /// `None`: no secret configured (a bootstrapping node generates one).
     pub secret: Option<Secret>,
@@ -440,7 +497,7 @@ impl ServeConfig {
                 advertise: String::new(),
                 advertise_http: String::new(),
                 zone: args.zone.or(file.zone).unwrap_or_default(),
-                bootstrap: false,
+                formation: Formation::Found,
                 join: Vec::new(),
                 secret: args.cluster_secret.or(file.cluster_secret),
                 max_voters: args.max_voters.or(file.max_voters),
@@ -488,11 +545,13 @@ impl ServeConfig {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .collect();
-        let bootstrap_node = args.bootstrap_node.or(file.bootstrap_node);
-        c.bootstrap = args.bootstrap
-            || file.bootstrap.unwrap_or(false)
-            || bootstrap_node == Some(c.node_id)
-            || c.join.is_empty();
+        c.formation = formation(
+            args.bootstrap || file.bootstrap.unwrap_or(false),
+            args.bootstrap_expect.or(file.bootstrap_expect),
+            args.bootstrap_node.or(file.bootstrap_node),
+            c.node_id,
+            !c.join.is_empty(),
+        )?;
         c.advertise = match args.advertise.or(file.advertise) {
             Some(a) => a,
             None if c.grpc_listen.ip().is_unspecified() => {

@@ -158,7 +158,7 @@ fn cluster_settings_are_checked_and_left_unset_unless_given() {
 #[test]
 fn a_lone_node_bootstraps_and_a_joining_one_needs_the_secret() {
     let c = ServeConfig::merge(args(&["--node-id", "4"]), FileConfig::default()).unwrap();
-    assert!(c.cluster.bootstrap);
+    assert_eq!(c.cluster.formation, Formation::Found);
     assert_eq!(c.cluster.node_id, 4);
     assert_eq!(c.cluster.advertise, "127.0.0.1:3001");
     assert_eq!(c.cluster.advertise_http, "http://127.0.0.1:3000");
@@ -179,34 +179,66 @@ fn a_lone_node_bootstraps_and_a_joining_one_needs_the_secret() {
         FileConfig::default(),
     )
     .unwrap();
-    assert!(!c.cluster.bootstrap);
+    assert_eq!(c.cluster.formation, Formation::Join);
     assert_eq!(c.cluster.join.len(), 2);
-
-    // One shared configuration: only the named node bootstraps.
-    let shared = |id: &str| {
-        ServeConfig::merge(
-            args(&[
-                "--node-id",
-                id,
-                "--bootstrap-node",
-                "0",
-                "--join",
-                "nxcache-0:3001,nxcache-1:3001",
-                "--cluster-secret",
-                "0123456789abcdef",
-            ]),
-            FileConfig::default(),
-        )
-        .unwrap()
-        .cluster
-        .bootstrap
-    };
-    assert!(shared("0"));
-    assert!(!shared("1"));
     assert_eq!(
         c.cluster.advertise_http,
         "http://nxcache-2.nxcache-headless:3000"
     );
+}
+
+#[test]
+fn nodes_with_seeds_found_a_cluster_only_together() {
+    let shared = |extra: &[&str]| {
+        let mut flags = vec![
+            "--node-id",
+            "1",
+            "--join",
+            "nxcache-0:3001,nxcache-1:3001,nxcache-2:3001",
+            "--cluster-secret",
+            "0123456789abcdef",
+        ];
+        flags.extend_from_slice(extra);
+        ServeConfig::merge(args(&flags), FileConfig::default()).map(|c| c.cluster.formation)
+    };
+    assert_eq!(
+        shared(&["--bootstrap-expect", "3"]).unwrap(),
+        Formation::Expect {
+            expect: 3,
+            founder: None
+        }
+    );
+    // The older shared configuration names the founder; it too waits for every seed.
+    assert_eq!(
+        shared(&["--bootstrap-node", "0"]).unwrap(),
+        Formation::Expect {
+            expect: 1,
+            founder: Some(0)
+        }
+    );
+    // Founding alone while seeds may hold a cluster is refused, with what to use instead.
+    let err = shared(&["--bootstrap"]).unwrap_err().to_string();
+    assert!(err.contains("--bootstrap-expect"), "{err}");
+    let err = shared(&["--bootstrap-expect", "0"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least 1"), "{err}");
+    // Without seeds: alone, or an error when more nodes are expected.
+    let alone = |extra: &[&str]| {
+        let mut flags = vec!["--node-id", "1"];
+        flags.extend_from_slice(extra);
+        ServeConfig::merge(args(&flags), FileConfig::default()).map(|c| c.cluster.formation)
+    };
+    assert_eq!(alone(&["--bootstrap"]).unwrap(), Formation::Found);
+    assert_eq!(
+        alone(&["--bootstrap-expect", "1"]).unwrap(),
+        Formation::Found
+    );
+    assert_eq!(alone(&["--bootstrap-node", "1"]).unwrap(), Formation::Found);
+    let err = alone(&["--bootstrap-expect", "3"]).unwrap_err().to_string();
+    assert!(err.contains("--join"), "{err}");
+    let err = alone(&["--bootstrap-node", "0"]).unwrap_err().to_string();
+    assert!(err.contains("--join"), "{err}");
 }
 
 #[test]

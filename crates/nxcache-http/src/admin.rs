@@ -20,6 +20,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
     pub node_id: u64,
+    /// The cluster this node belongs to; None while it belongs to none (forming, joining).
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     pub leader_id: Option<u64>,
     /// Milliseconds this node has known no leader; absent while it knows one. Such a
     /// node serves from its own tokens and data; revocations reach it when it reconnects.

@@ -27,6 +27,7 @@ impl ClusterControl for NoCluster {
         Box::pin(async {
             StatusView {
                 node_id: 0,
+                cluster_id: None,
                 leader_id: Some(0),
                 term: 1,
                 last_log_index: 1,

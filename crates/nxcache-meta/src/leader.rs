@@ -1,18 +1,14 @@
 //! Reaching the Raft leader: metadata writes from any node, forwarded when this node
 //! does not lead.
 
-use std::time::Duration;
-
 use nxcache_rpc::pb::WriteRequest;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use openraft::error::{ClientWriteError, RaftError};
 
+use crate::membership::{ACTION_TIMEOUT, FORWARD_TIMEOUT, forwarded, no_answer, no_quorum};
 use crate::network::{MAX_COMMAND_BYTES, channel};
 use crate::node::{MetaError, MetaNode};
 use crate::types::{MetaCommand, MetaResponse, NodeId};
-
-/// How long a metadata write may wait to be committed before its caller gets an answer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl MetaNode {
     pub fn leader(&self) -> Option<NodeId> {
@@ -52,7 +48,9 @@ impl MetaNode {
     }
 
     /// Applies a metadata change through the leader (forwarded when this node is not it)
-    /// and returns once it is committed and applied on the leader.
+    /// and returns once it is committed and applied on the leader, or with "unavailable"
+    /// after about [`ACTION_TIMEOUT`] (a leader that lost its quorum keeps the write
+    /// pending; it may still apply later).
     pub async fn write(&self, command: MetaCommand) -> Result<MetaResponse, MetaError> {
         // Every entry must fit in one AppendEntries message.
         let size = serde_json::to_vec(&command)
@@ -61,14 +59,12 @@ impl MetaNode {
         if size > MAX_COMMAND_BYTES {
             return Err(MetaError::TooLarge(size));
         }
-        // A leader that lost its quorum keeps the write pending; callers get an answer.
-        let written = tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(command.clone()))
-            .await
-            .map_err(|_| {
-                MetaError::Unreachable(format!(
-                    "the write was not committed within {WRITE_TIMEOUT:?} (no quorum?); it may still apply"
-                ))
-            })?;
+        let written = tokio::time::timeout(
+            ACTION_TIMEOUT,
+            self.inner.raft.client_write(command.clone()),
+        )
+        .await
+        .map_err(|_| no_quorum())?;
         match written {
             Ok(response) => Ok(response.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
@@ -78,13 +74,10 @@ impl MetaNode {
                     command: serde_json::to_vec(&command)
                         .map_err(|e| MetaError::Raft(e.to_string()))?,
                 };
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(10), client.forward_write(request))
-                        .await
-                        .map_err(|_| {
-                            MetaError::Unreachable("the leader did not answer in 10 s".into())
-                        })?
-                        .map_err(|status| MetaError::Unreachable(status.message().to_owned()))?;
+                let answer = tokio::time::timeout(FORWARD_TIMEOUT, client.forward_write(request))
+                    .await
+                    .map_err(|_| no_answer(leader, FORWARD_TIMEOUT))?
+                    .map_err(|status| forwarded(leader, &status))?;
                 serde_json::from_slice(&answer.into_inner().result)
                     .map_err(|e| MetaError::Raft(e.to_string()))
             }

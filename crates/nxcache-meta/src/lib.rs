@@ -17,7 +17,9 @@ mod service;
 mod snapshot;
 mod state_machine;
 mod types;
+mod upkeep;
 
+pub use bootstrap::Formation;
 pub use log_store::SledLogStore;
 pub use metrics::MetaMetrics;
 pub use network::{

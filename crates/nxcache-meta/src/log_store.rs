@@ -37,6 +37,40 @@ impl SledLogStore {
         Ok(self.meta.get("vote")?.is_some() || !self.logs.is_empty())
     }
 
+    /// This data dir's incarnation, beside the vote: made (random, non-zero) the first
+    /// time it is asked for, i.e. when the dir is new, or for a dir from before
+    /// incarnations existed. Blocking (flushes once when it makes one).
+    pub fn incarnation(&self) -> Result<u64, sled::Error> {
+        if let Some(raw) = self.meta.get("incarnation")?
+            && let Ok(bytes) = <[u8; 8]>::try_from(raw.as_ref())
+        {
+            return Ok(u64::from_be_bytes(bytes));
+        }
+        let incarnation = rand::random_range(1..=u64::MAX);
+        self.meta
+            .insert("incarnation", &incarnation.to_be_bytes())?;
+        self.meta.flush()?;
+        Ok(incarnation)
+    }
+
+    /// The id of the cluster this node belongs to, once it founded or was admitted to one.
+    pub fn cluster_id(&self) -> Result<Option<String>, sled::Error> {
+        Ok(self
+            .meta
+            .get("cluster_id")?
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    /// Records (or, with None, forgets) the cluster id. Blocking: flushes before returning.
+    pub fn set_cluster_id(&self, id: Option<&str>) -> Result<(), sled::Error> {
+        match id {
+            Some(id) => self.meta.insert("cluster_id", id.as_bytes())?,
+            None => self.meta.remove("cluster_id")?,
+        };
+        self.meta.flush()?;
+        Ok(())
+    }
+
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> StoreResult<Option<T>> {
         let raw = self.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
         raw.map(|raw| serde_json::from_slice(&raw).map_err(|e| StorageIOError::read(&e).into()))

@@ -52,7 +52,7 @@ impl MetaMetrics {
         let rejected_calls = IntCounterVec::new(
             Opts::new(
                 "nxcache_cluster_rejected_calls_total",
-                "Inter-node calls refused for a missing or wrong cluster secret.",
+                "Inter-node calls refused, by reason: missing or wrong cluster secret, another cluster, a caller without a cluster, or addressed to this node's previous data dir (incarnation).",
             ),
             &["reason"],
         )?;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use nxcache_rpc::pb::raft_client::RaftClient;
 use nxcache_rpc::pb::{RaftMessage, SnapshotChunk};
-use nxcache_rpc::{ClientSecret, ClusterSecret, GrpcClientMetrics, PeerChannel};
+use nxcache_rpc::{
+    ClientSecret, ClusterSecret, GrpcClientMetrics, PeerChannel, TARGET_INCARNATION_HEADER,
+};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -130,6 +132,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             .map_err(|e| e.to_string());
         GrpcNetwork {
             target,
+            target_incarnation: node.incarnation,
             client,
             faults: self.faults.clone(),
             metrics: self.metrics.clone(),
@@ -139,9 +142,30 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
 
 pub struct GrpcNetwork {
     target: NodeId,
+    /// The target's incarnation as this node's membership records it (0: not recorded).
+    target_incarnation: u64,
     client: Result<PeerClient, String>,
     faults: Faults,
     metrics: MetaMetrics,
+}
+
+/// The incarnation the membership names for a call's target (0: not known yet).
+#[derive(Clone, Copy)]
+struct AddressedTo(u64);
+
+impl AddressedTo {
+    /// The message as a request addressed to that incarnation: a node back with an empty
+    /// disk refuses it instead of voting or acknowledging with a log it has lost.
+    fn request<T>(self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if self.0 != 0 {
+            request.metadata_mut().insert(
+                TARGET_INCARNATION_HEADER,
+                tonic::metadata::MetadataValue::from(self.0),
+            );
+        }
+        request
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -173,7 +197,7 @@ impl GrpcNetwork {
     where
         Resp: DeserializeOwned,
         E: DeserializeOwned + std::error::Error,
-        F: FnOnce(PeerClient) -> Fut,
+        F: FnOnce(PeerClient, AddressedTo) -> Fut,
         Fut: Future<Output = Result<tonic::Response<RaftMessage>, tonic::Status>>,
     {
         let unreachable = |why: &dyn std::fmt::Display| {
@@ -187,7 +211,8 @@ impl GrpcNetwork {
             Err(e) => return Err(unreachable(e)),
         };
         let started = Instant::now();
-        let outcome = tokio::time::timeout(option.hard_ttl(), send(client)).await;
+        let addressee = AddressedTo(self.target_incarnation);
+        let outcome = tokio::time::timeout(option.hard_ttl(), send(client, addressee)).await;
         let elapsed = started.elapsed();
         let result = match outcome {
             Err(_) => Err(unreachable(&format!(
@@ -232,8 +257,8 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
             return Err(PayloadTooLarge::new_entries_hint(fit).into());
         }
         let message = RaftMessage { payload };
-        self.call(Rpc::AppendEntries, &option, |mut client| async move {
-            client.append_entries(message).await
+        self.call(Rpc::AppendEntries, &option, |mut client, to| async move {
+            client.append_entries(to.request(message)).await
         })
         .await?
         .map_err(|e| self.remote(e))
@@ -259,8 +284,8 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
             // The data as it is: bytes on the wire, not a JSON array of numbers.
             data: rpc.data,
         };
-        self.call(Rpc::InstallSnapshot, &option, |mut client| async move {
-            client.install_snapshot(chunk).await
+        self.call(Rpc::InstallSnapshot, &option, |mut client, to| async move {
+            client.install_snapshot(to.request(chunk)).await
         })
         .await?
         .map_err(|e| self.remote(e))
@@ -274,8 +299,8 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
         let payload =
             serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let message = RaftMessage { payload };
-        self.call(Rpc::Vote, &option, |mut client| async move {
-            client.vote(message).await
+        self.call(Rpc::Vote, &option, |mut client, to| async move {
+            client.vote(to.request(message)).await
         })
         .await?
         .map_err(|e| self.remote(e))

@@ -13,7 +13,8 @@ use nxcache_rpc::pb::membership_client::MembershipClient;
 use nxcache_rpc::pb::membership_server::MembershipServer;
 use nxcache_rpc::pb::raft_server::RaftServer;
 use nxcache_rpc::{
-    ClusterSecret, GrpcClientMetrics, GrpcServerLayer, GrpcServerMetrics, PeerTls, ServerSecret,
+    ClusterSecret, GrpcClientMetrics, GrpcServerLayer, GrpcServerMetrics, PeerTls, RejectHook,
+    ServerSecret,
 };
 use openraft::SnapshotPolicy;
 use tokio::sync::watch;
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
 
+use crate::bootstrap::Formation;
 use crate::log_store::SledLogStore;
 use crate::metrics::MetaMetrics;
 use crate::network::{
@@ -47,12 +49,16 @@ pub enum MetaError {
     Config(String),
     #[error("the change is {0} bytes; a metadata change may be at most {max} bytes", max = crate::network::MAX_COMMAND_BYTES)]
     TooLarge(usize),
+    /// The cluster cannot do it now (no quorum in time, another change in progress, the
+    /// leader's own refusal); the message says why and what to do.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<MetaError> for tonic::Status {
     fn from(err: MetaError) -> Self {
         match err {
-            MetaError::NoLeader | MetaError::Unreachable(_) => {
+            MetaError::NoLeader | MetaError::Unreachable(_) | MetaError::Unavailable(_) => {
                 tonic::Status::unavailable(err.to_string())
             }
             MetaError::Storage(_) | MetaError::Raft(_) => tonic::Status::internal(err.to_string()),
@@ -93,11 +99,10 @@ pub struct MetaConfig {
     pub secret: ClusterSecret,
     /// Mutual TLS between nodes (optional).
     pub tls: Option<PeerTls>,
-    /// Start a new cluster if this node has no Raft state yet. With `join` seeds too, the
-    /// seeds are asked first and the node joins if any of them is already in a cluster
-    /// (a StatefulSet's ordinal 0 restarted on an empty disk must not found a second one).
-    pub bootstrap: bool,
-    /// gRPC addresses of members to ask for admission, when this node has no state.
+    /// How this node becomes a member if it has no Raft state yet.
+    pub formation: Formation,
+    /// gRPC addresses of the seeds (members, or nodes that form the cluster together) to
+    /// ask, when this node has no state.
     pub join: Vec<String>,
     /// Tokens from the environment, added to the cluster's table if their names are free.
     pub seed_tokens: BTreeMap<String, TokenRecord>,
@@ -109,8 +114,8 @@ pub struct MetaConfig {
     pub peer_services: Option<PeerServices>,
 }
 
-/// Adds services to the node's gRPC server; receives the secret check every service
-/// must be wrapped in.
+/// Adds services to the node's gRPC server; receives the check (cluster secret and id)
+/// every service must be wrapped in.
 pub type PeerServices = Box<dyn FnOnce(Routes, ServerSecret) -> Routes + Send>;
 
 /// What `status` reports of one member.
@@ -122,11 +127,15 @@ pub struct MemberStatus {
     pub zone: String,
     pub voter: bool,
     pub state: MemberState,
+    /// The incarnation of its data dir as the membership records it (0: not recorded).
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterStatus {
     pub node_id: NodeId,
+    /// The cluster this node belongs to; None before it belongs to one.
+    pub cluster_id: Option<String>,
     pub leader_id: Option<NodeId>,
     /// How long this node has known no leader; `None` while it knows one. A node without
     /// a leader keeps serving from its own tokens and data, but changes (revocations
@@ -166,6 +175,10 @@ pub struct MetaNode {
 
 pub(crate) struct Inner {
     pub(crate) id: NodeId,
+    /// This node's data dir incarnation.
+    pub(crate) incarnation: u64,
+    /// The Raft log store, for what is kept beside the vote (the cluster id).
+    pub(crate) log_store: SledLogStore,
     pub(crate) raft: Raft,
     pub(crate) store: Arc<StateStore>,
     pub(crate) secret: ClusterSecret,
@@ -209,7 +222,35 @@ impl MetaNode {
         .map_err(|e| storage(&e))?
         .map_err(|e| storage(&e))?;
         let log_store = SledLogStore::open(&db).map_err(|e| storage(&e))?;
-        let has_state = log_store.has_state().map_err(|e| storage(&e))?;
+        let (has_state, incarnation, cluster_id) = {
+            let store = log_store.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, sled::Error> {
+                let has_state = store.has_state()?;
+                if !has_state {
+                    // No Raft state, no cluster: an id kept from an admission that never
+                    // got as far as the first entry is learnt again.
+                    store.set_cluster_id(None)?;
+                }
+                Ok((has_state, store.incarnation()?, store.cluster_id()?))
+            })
+            .await
+            .map_err(|e| storage(&e))?
+            .map_err(|e| storage(&e))?
+        };
+        match &cluster_id {
+            Some(id) => config
+                .secret
+                .cluster_id()
+                .set(id)
+                .map_err(MetaError::Config)?,
+            None => config.secret.cluster_id().clear(),
+        }
+        tracing::info!(
+            node_id = config.node_id,
+            incarnation,
+            cluster_id = cluster_id.as_deref().unwrap_or("none yet"),
+            "metadata store opened"
+        );
         let store = {
             let (db, dir) = (db.clone(), config.data_dir.join("meta-snapshots"));
             // Blocking: reads the token table into memory.
@@ -249,7 +290,7 @@ impl MetaNode {
             config.node_id,
             Arc::new(raft_config),
             network,
-            log_store,
+            log_store.clone(),
             state_machine,
         )
         .await
@@ -270,6 +311,8 @@ impl MetaNode {
         let node = MetaNode {
             inner: Arc::new(Inner {
                 id: config.node_id,
+                incarnation,
+                log_store,
                 raft: raft.clone(),
                 store,
                 secret: config.secret.clone(),
@@ -293,9 +336,16 @@ impl MetaNode {
             grpc_metrics,
         )?;
         node.spawn_metrics(metrics);
+        node.spawn_upkeep();
+        let advertise = MemberNode {
+            incarnation,
+            ..config.advertise
+        };
         if !has_state {
-            node.bootstrap_or_join(config.bootstrap, &config.join, &config.advertise)
-                .await?;
+            match config.formation {
+                Formation::Found => node.found(&advertise).await?,
+                formation => node.spawn_formation(formation, config.join, advertise),
+            }
         }
         if !seeded {
             node.spawn_seed(config.seed_tokens);
@@ -326,36 +376,48 @@ impl MetaNode {
         metrics: MetaMetrics,
         grpc_metrics: GrpcServerMetrics,
     ) -> Result<(), MetaError> {
-        let reject = Arc::new(
+        let reject: Arc<RejectHook> = Arc::new(
             move |reason: &'static str, peer: Option<std::net::SocketAddr>| {
-                // In the audit trail: a misconfigured node, or someone probing the port.
+                // In the audit trail: a misconfigured node, a node of another cluster, a
+                // node back with an empty disk, or someone probing the port.
                 tracing::warn!(
                     target: "audit",
                     action = "inter_node.refused",
                     reason,
                     peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-                    "refused an inter-node call: bad cluster secret"
+                    "refused an inter-node call: {}",
+                    match reason {
+                        "missing" | "wrong" => "bad cluster secret",
+                        "other_cluster" => "it comes from another cluster",
+                        "no_cluster_id" => "the caller belongs to no cluster",
+                        "incarnation" => "addressed to this node's previous data dir",
+                        _ => "refused by the service",
+                    }
                 );
                 metrics.rejected(reason);
             },
         );
-        let interceptor = self.inner.secret.server_interceptor(reject);
+        let interceptor = self.inner.secret.server_interceptor(reject.clone());
         // Raft messages (snapshot chunks, batches of entries) are bounded by the sender
         // below MAX_MESSAGE_BYTES; tonic's default limit is 4 MiB.
         let raft = InterceptedService::new(
             RaftServer::new(RaftService {
                 raft: self.inner.raft.clone(),
+                node_id: self.inner.id,
+                incarnation: self.inner.incarnation,
+                on_reject: reject,
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
             interceptor.clone(),
         );
         let interceptor_for_peers = interceptor.clone();
+        // Nodes without a cluster ping and ask to join through this one.
         let membership = InterceptedService::new(
             MembershipServer::new(MembershipService { node: self.clone() })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            interceptor,
+            interceptor.admitting_newcomers(),
         );
         let stopped = self.stopped();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -417,6 +479,16 @@ impl MetaNode {
 
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// This node's data dir incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// The cluster this node belongs to; None before it founded or joined one.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.inner.secret.cluster_id().get()
     }
 
     /// The per-peer call metrics, for the node's other gRPC clients.
@@ -593,6 +665,7 @@ impl MetaNode {
                 http_addr: n.http_addr.clone(),
                 zone: n.zone.clone(),
                 voter: voters.contains(id),
+                incarnation: n.incarnation,
                 state: state
                     .cluster
                     .member_states
@@ -604,6 +677,7 @@ impl MetaNode {
         let leader = self.effective_leader(&m);
         ClusterStatus {
             node_id: self.inner.id,
+            cluster_id: self.cluster_id(),
             leader_id: leader,
             leaderless_ms: match leader {
                 Some(_) => None,

@@ -13,6 +13,21 @@ pub struct MemberNode {
     pub http_addr: String,
     /// Failure domain; empty when unknown.
     pub zone: String,
+    /// Identity of the member's data dir: random, fixed when the dir was created empty, so
+    /// a member back with an empty disk has another one. Raft calls carry it and the
+    /// member refuses those addressed to another. 0 in records written before it existed
+    /// (not checked).
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+impl MemberNode {
+    /// Whether a member that asks to join with `self` is the data dir `recorded` names: a
+    /// joiner has no Raft state, so any other incarnation is a new (empty) disk. A joiner
+    /// that sends none (an older nxcache) cannot be told apart and is taken for the same.
+    pub fn same_disk_as(&self, recorded: &MemberNode) -> bool {
+        self.incarnation == 0 || self.incarnation == recorded.incarnation
+    }
 }
 
 openraft::declare_raft_types!(
@@ -177,6 +192,11 @@ pub enum MetaCommand {
     UpdateSettings {
         change: SettingsChange,
     },
+    /// Records the cluster's id when none is recorded yet (the first one wins): members
+    /// that have none adopt it (clusters formed before ids existed get one this way).
+    SetClusterId {
+        id: String,
+    },
 }
 
 /// The answer to a command, once applied.
@@ -244,6 +264,9 @@ pub struct ClusterState {
     /// Kept in the applied state, so it survives restarts and snapshots.
     #[serde(default)]
     pub previous_ring: Option<RingSpec>,
+    /// The cluster's id, as recorded in the log (empty until the first leader records it).
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 impl ClusterState {
@@ -301,6 +324,16 @@ impl ClusterState {
             }
             MetaCommand::UpdateSettings { change } => {
                 self.set_settings(change.applied_to(&self.settings))
+            }
+            MetaCommand::SetClusterId { id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = id.clone();
+                    MetaResponse::Done
+                } else if self.cluster_id == *id {
+                    MetaResponse::Done
+                } else {
+                    MetaResponse::AlreadyExists
+                }
             }
         })
     }
@@ -592,6 +625,41 @@ mod tests {
             (s.settings.replication_factor, s.settings.write_quorum),
             (3, 3)
         );
+    }
+
+    #[test]
+    fn the_first_cluster_id_recorded_stays() {
+        let (mut s, mut t) = (ClusterState::default(), MemoryTokens::default());
+        let set = |id: &str| MetaCommand::SetClusterId { id: id.into() };
+        assert_eq!(apply(&mut s, &mut t, set("a1")), MetaResponse::Done);
+        assert_eq!(apply(&mut s, &mut t, set("a1")), MetaResponse::Done);
+        assert_eq!(
+            apply(&mut s, &mut t, set("b2")),
+            MetaResponse::AlreadyExists
+        );
+        assert_eq!(s.cluster_id, "a1");
+    }
+
+    #[test]
+    fn a_joiner_with_another_incarnation_is_another_disk() {
+        let recorded = MemberNode {
+            incarnation: 7,
+            ..MemberNode::default()
+        };
+        let joiner = |incarnation| MemberNode {
+            incarnation,
+            ..MemberNode::default()
+        };
+        assert!(joiner(7).same_disk_as(&recorded));
+        assert!(!joiner(8).same_disk_as(&recorded));
+        // A record from before incarnations: a joiner with one has a new, empty disk.
+        assert!(!joiner(8).same_disk_as(&MemberNode::default()));
+        // A joiner from before incarnations cannot be told apart.
+        assert!(joiner(0).same_disk_as(&recorded));
+        // Records written before the field existed still read.
+        let old: MemberNode =
+            serde_json::from_str(r#"{"grpc_addr":"a:1","http_addr":"","zone":""}"#).unwrap();
+        assert_eq!(old.incarnation, 0);
     }
 
     #[test]

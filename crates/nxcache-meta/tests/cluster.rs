@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use nxcache_auth::Digest;
 use nxcache_meta::{
-    Faults, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId, RaftTiming,
-    SettingsChange, TokenRecord,
+    Faults, Formation, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId,
+    RaftTiming, SettingsChange, TokenRecord,
 };
 use nxcache_rpc::{ClusterSecret, PeerTls};
 
@@ -52,7 +52,7 @@ struct Cluster {
     _tmp: tempfile::TempDir,
 }
 
-async fn start(member: &mut Member, bootstrap: bool, join: Vec<String>) {
+async fn start(member: &mut Member, formation: Formation, join: Vec<String>) {
     let listener = tokio::net::TcpListener::bind(&member.addr).await.unwrap();
     let config = MetaConfig {
         node_id: member.id,
@@ -60,11 +60,11 @@ async fn start(member: &mut Member, bootstrap: bool, join: Vec<String>) {
         advertise: MemberNode {
             grpc_addr: member.addr.clone(),
             http_addr: format!("http://{}", member.addr),
-            zone: String::new(),
+            ..MemberNode::default()
         },
         secret: ClusterSecret::new(SECRET).unwrap(),
         tls: member.tls.clone(),
-        bootstrap,
+        formation,
         join,
         seed_tokens: BTreeMap::new(),
         timing: timing(),
@@ -94,7 +94,7 @@ impl Cluster {
             members.push(Member::new(id, tmp.path(), tls.clone()));
         }
         let mut cluster = Cluster { members, _tmp: tmp };
-        start(&mut cluster.members[0], true, vec![]).await;
+        start(&mut cluster.members[0], Formation::Found, vec![]).await;
         cluster.wait_leader_among(&[1]).await;
         if max_voters != 3 {
             let change = SettingsChange {
@@ -109,7 +109,7 @@ impl Cluster {
         }
         let seed = vec![cluster.members[0].addr.clone()];
         for i in 1..cluster.members.len() {
-            start(&mut cluster.members[i], false, seed.clone()).await;
+            start(&mut cluster.members[i], Formation::Join, seed.clone()).await;
         }
         let expected = size.min(max_voters as u64) as usize;
         cluster
@@ -188,7 +188,7 @@ impl Cluster {
 
     async fn restart(&mut self, id: NodeId) {
         let seed = vec![self.members[0].addr.clone()];
-        start(&mut self.members[(id - 1) as usize], false, seed).await;
+        start(&mut self.members[(id - 1) as usize], Formation::Join, seed).await;
     }
 
     /// Cuts every link between `a` and `b` (both directions).
@@ -470,7 +470,7 @@ async fn calls_without_the_cluster_secret_are_refused_and_counted() {
             },
             secret: ClusterSecret::new(SECRET).unwrap(),
             tls: None,
-            bootstrap: true,
+            formation: Formation::Found,
             join: vec![],
             seed_tokens: BTreeMap::new(),
             timing: timing(),
@@ -503,8 +503,10 @@ async fn calls_without_the_cluster_secret_are_refused_and_counted() {
     let err = forger.append_entries(message()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    // With the secret, a malformed message is refused as such (not as unauthenticated).
+    // With the secret (and, as a member, the cluster's id), a malformed message is
+    // refused as such (not as unauthenticated).
     let good = ClusterSecret::new(SECRET).unwrap();
+    good.cluster_id().set(&node.cluster_id().unwrap()).unwrap();
     let mut member = nxcache_rpc::pb::raft_client::RaftClient::with_interceptor(
         channel,
         good.client_interceptor(),
@@ -650,7 +652,12 @@ async fn a_node_stops_promptly_while_its_join_cannot_be_committed() {
         tls: None,
         node: None,
     };
-    start(&mut joiner, false, vec![cluster.members[0].addr.clone()]).await;
+    start(
+        &mut joiner,
+        Formation::Join,
+        vec![cluster.members[0].addr.clone()],
+    )
+    .await;
     let node = joiner.node.take().unwrap();
     // The join reached the leader: the new member is proposed, never committed.
     cluster
@@ -671,15 +678,19 @@ async fn a_node_stops_promptly_while_its_join_cannot_be_committed() {
 async fn a_bootstrap_node_with_seeds_joins_a_cluster_that_already_exists() {
     // Node 1 founds the cluster and node 2 joins, as usual.
     let mut cluster = Cluster::new(2).await;
-    // Node 3 has the same "bootstrap" configuration as node 1 (a StatefulSet's ordinal 0
-    // back on an empty disk): seeing a seed in a cluster, it joins instead.
+    // Node 3 is configured as the one that founds (a StatefulSet's ordinal 0 back on an
+    // empty disk): seeing a seed in a cluster, it joins instead.
     let joiner = Member::new(3, cluster._tmp.path(), None);
     cluster.members.push(joiner);
     let seeds = vec![
         cluster.members[0].addr.clone(),
         cluster.members[1].addr.clone(),
     ];
-    start(&mut cluster.members[2], true, seeds).await;
+    let founder = Formation::Expect {
+        expect: 3,
+        founder: Some(3),
+    };
+    start(&mut cluster.members[2], founder, seeds).await;
     cluster.wait_one_cluster_of(3).await;
     let leader = cluster.wait_leader_among(&[1, 2, 3]).await;
     assert_ne!(leader, 3, "node 3 must not lead a cluster of its own");
@@ -693,13 +704,17 @@ async fn nodes_sharing_one_seed_list_start_together_as_one_cluster() {
         .map(|id| Member::new(id, tmp.path(), None))
         .collect();
     let seeds: Vec<String> = members.iter().map(|m| m.addr.clone()).collect();
-    // Joiners first, so the bootstrap node finds them up but in no cluster.
+    // The highest ids first: the founder (the lowest id) finds them up but in no cluster.
+    let formation = Formation::Expect {
+        expect: 3,
+        founder: None,
+    };
     for i in [2, 1, 0] {
-        start(&mut members[i], i == 0, seeds.clone()).await;
+        start(&mut members[i], formation, seeds.clone()).await;
     }
     let cluster = Cluster { members, _tmp: tmp };
     cluster.wait_one_cluster_of(3).await;
-    assert_eq!(cluster.wait_leader_among(&[1, 2, 3]).await, 1);
+    cluster.wait_leader_among(&[1, 2, 3]).await;
     cluster.shutdown().await;
 }
 
@@ -720,7 +735,12 @@ async fn a_member_whose_admission_is_not_committed_never_appears_in_placement() 
     cluster.stop(3).await;
     cluster.wait_leader_among(&[1]).await;
     let mut joiner = Member::new(4, cluster._tmp.path(), None);
-    start(&mut joiner, false, vec![cluster.members[0].addr.clone()]).await;
+    start(
+        &mut joiner,
+        Formation::Join,
+        vec![cluster.members[0].addr.clone()],
+    )
+    .await;
     cluster
         .wait(
             "the join is pending on the leader",

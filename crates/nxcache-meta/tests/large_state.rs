@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use nxcache_auth::Digest;
 use nxcache_meta::{
-    Faults, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId, RaftTiming,
-    TokenRecord,
+    Faults, Formation, MemberNode, MetaCommand, MetaConfig, MetaNode, MetaResponse, NodeId,
+    RaftTiming, TokenRecord,
 };
 use nxcache_rpc::ClusterSecret;
 
@@ -71,10 +71,15 @@ impl Cluster {
                 grpc_addr: addr.clone(),
                 http_addr: format!("http://{addr}"),
                 zone: String::new(),
+                incarnation: 0,
             },
             secret: ClusterSecret::new(SECRET).unwrap(),
             tls: None,
-            bootstrap: id == 1,
+            formation: if id == 1 {
+                Formation::Found
+            } else {
+                Formation::Join
+            },
             join: if id == 1 {
                 vec![]
             } else {

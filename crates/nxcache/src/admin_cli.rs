@@ -231,8 +231,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 (None, None) => "none".to_owned(),
             };
             println!(
-                "answered by node {}; leader: {leader}; term {}; commit index {}; applied index {}; last log index {}; {} tokens; snapshot {} bytes",
+                "answered by node {} of cluster {}; leader: {leader}; term {}; commit index {}; applied index {}; last log index {}; {} tokens; snapshot {} bytes",
                 s.node_id,
+                s.cluster_id.as_deref().unwrap_or("(none yet)"),
                 s.term,
                 s.commit_index,
                 s.applied_index,

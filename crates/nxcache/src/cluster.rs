@@ -14,7 +14,9 @@ pub(crate) struct MetaControl(pub MetaNode);
 
 fn admin_error(err: MetaError) -> AdminError {
     match err {
-        MetaError::NoLeader | MetaError::Unreachable(_) => AdminError::Unavailable(err.to_string()),
+        MetaError::NoLeader | MetaError::Unreachable(_) | MetaError::Unavailable(_) => {
+            AdminError::Unavailable(err.to_string())
+        }
         MetaError::NotAMember(_) => AdminError::NotFound(err.to_string()),
         MetaError::TooLarge(_) => AdminError::Invalid(err.to_string()),
         MetaError::Storage(_) | MetaError::Raft(_) | MetaError::Config(_) => {
@@ -49,6 +51,7 @@ impl ClusterControl for MetaControl {
             let reachable = self.0.reachable().await;
             StatusView {
                 node_id: status.node_id,
+                cluster_id: status.cluster_id,
                 leader_id: status.leader_id,
                 leaderless_ms: status.leaderless_ms,
                 tokens: status.tokens as u64,

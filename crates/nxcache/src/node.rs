@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use nxcache_auth::{Digest, Scope, load_or_create_token};
 use nxcache_meta::{
-    ClusterSettings, Faults, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord,
+    ClusterSettings, Faults, Formation, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord,
 };
 use nxcache_rpc::{ClusterSecret, PeerTls};
 
@@ -119,8 +119,9 @@ fn seed_tokens(
             seeds.insert(format!("{prefix}-{}", i + 1), record(t.expose(), scope));
         }
     }
-    if !seeds.is_empty() || !config.cluster.bootstrap {
-        // A joining node with no tokens of its own uses the cluster's.
+    if !seeds.is_empty() || config.cluster.formation != nxcache_config::Formation::Found {
+        // A joining node with no tokens of its own uses the cluster's (and a node that
+        // may found one with others cannot know whether its generated token would win).
         return Ok((seeds, None));
     }
     // Never run open: a new cluster with no token configured gets one, kept on disk.
@@ -340,10 +341,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 grpc_addr: config.cluster.advertise.clone(),
                 http_addr: config.cluster.advertise_http.clone(),
                 zone: config.cluster.zone.clone(),
+                ..MemberNode::default()
             },
             secret: secret.clone(),
             tls: peer_tls.clone(),
-            bootstrap: config.cluster.bootstrap,
+            formation: match config.cluster.formation {
+                nxcache_config::Formation::Found => Formation::Found,
+                nxcache_config::Formation::Join => Formation::Join,
+                nxcache_config::Formation::Expect { expect, founder } => {
+                    Formation::Expect { expect, founder }
+                }
+            },
             join: config.cluster.join.clone(),
             seed_tokens: seeds,
             timing: RaftTiming::default(),
@@ -363,7 +371,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     )
     .await
     .context("cannot start the cluster metadata node")?;
-    if config.cluster.bootstrap && !meta.wait_ready(Duration::from_secs(30)).await {
+    // A node that founds its cluster alone has a leader within moments; the others serve
+    // at once (and say in /readyz what they wait for) while their cluster forms.
+    if config.cluster.formation == nxcache_config::Formation::Found
+        && !meta.wait_ready(Duration::from_secs(30)).await
+    {
         tracing::warn!("not ready after 30 s: serving anyway; /readyz says why");
     }
     topology.attach(meta.clone());
@@ -374,7 +386,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         config.cluster.clone(),
         stop_rx.clone(),
     ));
-    if config.cluster.bootstrap || meta.readiness().is_ok() {
+    if config.cluster.formation == nxcache_config::Formation::Found || meta.readiness().is_ok() {
         // A new cluster's first requests already see its settings; a restarted node has
         // compared its flags before it serves. A joining node does it once it joined.
         let _ = tokio::time::timeout(Duration::from_secs(30), async {

@@ -63,7 +63,7 @@ impl ComposeCluster {
             .expect("run docker");
         assert!(
             image.status.success(),
-            "image {IMAGE} not found: run deploy/docker/build.sh first"
+            "image {IMAGE} not found: run deploy/docker/build.sh (or docker compose build) first"
         );
         let cluster = ComposeCluster {
             project: format!("nxcache-e2e-{name}-{}", std::process::id()),
@@ -201,9 +201,9 @@ fn key(prefix: &str, i: usize) -> String {
 
 #[test]
 #[ignore = "needs Docker; run by .ci/run"]
-fn building_without_the_image_script_names_the_script() {
-    // A checkout where deploy/docker/build.sh never ran: only the Dockerfile and the
-    // .dockerignore, as `docker compose build` would send them.
+fn packing_without_the_image_script_names_the_script() {
+    // A checkout where deploy/docker/build.sh never ran: the Dockerfile's `prebuilt`
+    // target (the one that packs a host-built binary) has nothing to pack.
     let root = workspace_root();
     let context = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(context.path().join("deploy/docker")).unwrap();
@@ -211,7 +211,7 @@ fn building_without_the_image_script_names_the_script() {
         std::fs::copy(root.join(file), context.path().join(file)).unwrap();
     }
     let out = Command::new("docker")
-        .args(["build", "--tag"])
+        .args(["build", "--target", "prebuilt", "--tag"])
         .arg(format!("nxcache-unbuilt-{}", std::process::id()))
         .arg("--file")
         .arg(context.path().join("deploy/docker/Dockerfile"))
@@ -225,6 +225,43 @@ fn building_without_the_image_script_names_the_script() {
     );
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("made-by-deploy-docker-build.sh"), "{said}");
+}
+
+#[test]
+#[ignore = "needs Docker and the nxcache image; run by .ci/run"]
+fn the_image_runs_unprivileged_on_a_data_volume_with_a_probe_health_check() {
+    let out = docker(&["image", "inspect", "--format", "{{json .Config}}", IMAGE]);
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        config["User"], "10001:10001",
+        "not the unprivileged user: {config}"
+    );
+    assert!(
+        config["Volumes"].get("/data").is_some(),
+        "/data is not a volume: {config}"
+    );
+    assert_eq!(
+        config["Env"]
+            .as_array()
+            .map(|env| env.iter().any(|e| e == "NXCACHE_DATA_DIR=/data")),
+        Some(true),
+        "{config}"
+    );
+    assert_eq!(
+        config["Healthcheck"]["Test"],
+        serde_json::json!([
+            "CMD",
+            "/usr/local/bin/nxcache",
+            "probe",
+            "http://127.0.0.1:3000/readyz"
+        ]),
+        "{config}"
+    );
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/nxcache"]),
+        "{config}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

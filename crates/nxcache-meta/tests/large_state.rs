@@ -186,8 +186,22 @@ async fn a_64_mib_state_reaches_a_joining_node_and_a_node_that_lagged_past_a_pur
     let commands = tokio::task::spawn_blocking(large_token_table)
         .await
         .unwrap();
+    // Stopping node 3 may have cost the leader: a write waits for a new one, and one that
+    // found no quorum in time (a loaded machine) is tried again. Seeding is idempotent.
     for command in commands {
-        let answer = cluster.node(1).write(command).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let answer = loop {
+            match cluster.node(1).write(command.clone()).await {
+                Ok(answer) => break answer,
+                Err(err) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "a seeding write never committed: {err}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         assert!(matches!(answer, MetaResponse::Seeded { .. }), "{answer:?}");
     }
     let leader = cluster.wait_leader_among(&[1, 2]).await;

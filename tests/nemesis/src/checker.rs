@@ -77,6 +77,9 @@ pub struct Figures {
     pub status_samples: usize,
     /// From the last heal to the first moment every final-state check held.
     pub convergence_ms: Option<u64>,
+    /// From the last heal to the first moment every member served every acknowledged
+    /// key.
+    pub served_ms: Option<u64>,
     pub run_ms: u64,
 }
 
@@ -96,6 +99,9 @@ impl Report {
 
 /// The nemesis's record of a node process that ended on its own.
 pub const CRASH: &str = "crash";
+/// A panic found in a node's log (the process may have lived on without the panicked
+/// task, e.g. its Raft core). A finding, not a fault: it opens no window.
+pub const PANIC: &str = "panic";
 
 /// Fallbacks when a history has no `run` line.
 const DEFAULT_GRACE_MS: u64 = 10_000;
@@ -150,6 +156,9 @@ fn windows(records: &[Record], grace_ms: u64) -> Vec<Window> {
     let mut done = Vec::new();
     for r in records {
         let Record::Nemesis(e) = r else { continue };
+        if e.kind == PANIC {
+            continue;
+        }
         match e.phase {
             Phase::Start => {
                 open.insert(
@@ -333,6 +342,7 @@ fn figures(f: &mut Figures, h: &History) {
     f.run_ms = h.ops.iter().map(|o| o.end_ms).max().unwrap_or(0);
     if let Some(s) = settle {
         f.convergence_ms = s.converged_ms.map(|c| c.saturating_sub(s.last_heal_ms));
+        f.served_ms = s.served_ms.map(|c| c.saturating_sub(s.last_heal_ms));
     }
 }
 
@@ -497,7 +507,7 @@ fn check_availability(v: &mut Vec<Violation>, h: &History) {
     for r in records {
         if let Record::Nemesis(e) = r
             && e.phase == Phase::Start
-            && e.kind == CRASH
+            && (e.kind == CRASH || e.kind == PANIC)
         {
             v.push(Violation {
                 check: Check::Availability,
@@ -732,7 +742,10 @@ fn check_final_tokens(v: &mut Vec<Violation>, h: &History, settle: &Settle) {
             check: Check::ControlPlane,
             key: None,
             node: None,
-            evidence: "no leader after the settle".into(),
+            evidence: format!(
+                "no leader all members agree on after the settle ({})",
+                settle.note
+            ),
         });
         return;
     };

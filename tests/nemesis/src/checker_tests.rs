@@ -127,6 +127,7 @@ fn final_state(bodies: &[(&str, &str)]) -> Vec<Record> {
     out.push(Record::Settle(Settle {
         last_heal_ms: 10_000,
         converged_ms: Some(12_000),
+        served_ms: Some(11_000),
         members: vec![1, 2, 3],
         replication_factor: 3,
         leader: Some(1),

@@ -174,6 +174,10 @@ pub struct FinalTokens {
 pub struct Settle {
     pub last_heal_ms: u64,
     pub converged_ms: Option<u64>,
+    /// When every acknowledged key was first served by every member (check 1 held),
+    /// even if agreement (check 3) never came.
+    #[serde(default)]
+    pub served_ms: Option<u64>,
     /// Members at the end (the nodes every acknowledged key must be served by).
     pub members: Vec<u64>,
     pub replication_factor: usize,

@@ -371,7 +371,6 @@ pub fn cleanup_leftovers() -> Vec<String> {
         let pid: Option<u32> = field("pid=").and_then(|p| p.parse().ok());
         let start: Option<u64> = field("start=").and_then(|p| p.parse().ok());
         if let (Some(pid), Some(start)) = (pid, start)
-            && pid != std::process::id()
             && alive(pid)
             && process_start_time(pid) == Some(start)
         {

@@ -42,7 +42,7 @@ enum Cmd {
 #[derive(Args, Clone)]
 struct RunArgs {
     /// Workload and faults last this long (then heal, settle, check) [default: 5, with
-    /// --ci 1.25 per seed]
+    /// --ci 1 per seed]
     #[arg(long)]
     minutes: Option<f64>,
     /// The seed of the fault schedule and the workload [default: random, printed]
@@ -81,9 +81,10 @@ struct RunArgs {
     /// Requests in flight at most.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Longest wait, after the last heal, for the cluster to agree.
-    #[arg(long, default_value_t = 120)]
-    settle_secs: u64,
+    /// Longest wait, after the last heal, for the cluster to agree [default: 120, with
+    /// --ci 60]
+    #[arg(long)]
+    settle_secs: Option<u64>,
     /// After a fault ends, how long the cluster still counts as degraded.
     #[arg(long, default_value_t = 10_000)]
     grace_ms: u64,
@@ -164,7 +165,7 @@ fn run(args: RunArgs) -> i32 {
         results_root: args.results_dir,
         rate: args.rate,
         concurrency: args.concurrency,
-        settle: Duration::from_secs(args.settle_secs),
+        settle: Duration::from_secs(args.settle_secs.unwrap_or(120)),
         grace_ms: args.grace_ms,
         max_bytes: args.max_mib << 20,
     })
@@ -192,7 +193,7 @@ fn run_ci(args: RunArgs) -> i32 {
         return 2;
     }
     let first = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let minutes = args.minutes.unwrap_or(1.25);
+    let minutes = args.minutes.unwrap_or(1.0);
     // SAFETY: installing a handler that only touches atomics and calls kill(2).
     unsafe {
         libc::signal(libc::SIGINT, forward as *const () as libc::sighandler_t);
@@ -218,7 +219,7 @@ fn run_ci(args: RunArgs) -> i32 {
             .arg(&args.results_dir)
             .args(["--rate", &args.rate.to_string()])
             .args(["--concurrency", &args.concurrency.to_string()])
-            .args(["--settle-secs", &args.settle_secs.to_string()])
+            .args(["--settle-secs", &args.settle_secs.unwrap_or(60).to_string()])
             .args(["--grace-ms", &args.grace_ms.to_string()])
             .args(["--max-mib", &args.max_mib.to_string()]);
         for a in &args.serve_args {

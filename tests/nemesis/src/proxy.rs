@@ -30,7 +30,8 @@ pub struct Control {
     pub rule: Option<LinkRule>,
 }
 
-type Rules = Arc<RwLock<HashMap<IpAddr, LinkRule>>>;
+/// The rule of each peer's link, by the peer's address.
+pub type Rules = Arc<RwLock<HashMap<IpAddr, LinkRule>>>;
 
 fn rule_for(rules: &Rules, peer: IpAddr) -> LinkRule {
     rules
@@ -70,6 +71,12 @@ pub async fn serve(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<(
         // The runner is gone: so is the proxy.
         std::process::exit(0);
     });
+    relay_all(listener, upstream, rules).await
+}
+
+/// Accepts connections on `listener` and relays each to `upstream` under its peer's
+/// rule in `rules`.
+pub async fn relay_all(listener: TcpListener, upstream: SocketAddr, rules: Rules) -> ! {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,

@@ -53,6 +53,15 @@ pub fn render(report: &Report, per_check: Option<usize>) -> String {
     let _ = writeln!(out, "control-plane samples: {}", f.status_samples);
     let _ = writeln!(
         out,
+        "from the last heal to every acknowledged key served by every member: {}",
+        f.served_ms
+            .map_or("never (within the settle time)".to_owned(), |ms| format!(
+                "{:.1} s",
+                ms as f64 / 1000.0
+            ))
+    );
+    let _ = writeln!(
+        out,
         "from the last heal to full agreement: {}",
         f.convergence_ms
             .map_or("never (within the settle time)".to_owned(), |ms| format!(

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{CLIENT_ADDR, Cluster};
 use crate::faults::{self, FaultKind, PlanOptions, STREAM_WORKLOAD};
-use crate::history::{self, Record, Recorder, Run};
+use crate::history::{self, FaultEvent, Phase, Record, Recorder, Run};
 use crate::hosts::{self, HostSet};
 use crate::nemesis::Nemesis;
 use crate::workload::{Workload, WorkloadOptions};
@@ -165,12 +165,14 @@ async fn run_checked(
         o.serve_args.clone(),
         &schedule.initial_nodes,
     )?);
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64
+        - rec.now_ms();
     rec.record(Record::Run(Run {
         seed: o.seed,
         nodes: o.nodes,
-        started_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64,
+        started_unix_ms,
         grace_ms: o.grace_ms,
         revocation_bound_ms: 1_000,
         binary: o.bin.display().to_string(),
@@ -236,6 +238,7 @@ async fn run_checked(
     .await;
     let _ = stop_watch.send(true);
     let _ = watcher.await;
+    record_panics(&cluster, &rec, started_unix_ms);
     rec.close();
     writer.finish().await?;
 
@@ -310,6 +313,62 @@ async fn form_cluster(
     Ok(())
 }
 
+/// Every panic in the nodes' logs becomes a `panic` record: a task can die while its
+/// process lives on (a Raft core that panicked leaves a node that serves data but can
+/// never again take part in the control plane).
+fn record_panics(cluster: &Cluster, rec: &Recorder, started_unix_ms: u64) {
+    let mut id = 2_000_000;
+    for node in cluster.all_nodes() {
+        let Ok(text) = std::fs::read_to_string(&node.log) else {
+            continue;
+        };
+        let mut at_ms = 0;
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            if let Some(ms) = line
+                .strip_prefix("{\"timestamp\":\"")
+                .and_then(|rest| rest.get(..23))
+                .and_then(unix_ms)
+            {
+                at_ms = ms.saturating_sub(started_unix_ms);
+            }
+            if line.starts_with("thread '") && line.contains(" panicked at ") {
+                let location = line.split(" panicked at ").nth(1).unwrap_or_default();
+                let message = lines.peek().copied().unwrap_or_default();
+                id += 1;
+                rec.record(Record::Nemesis(FaultEvent {
+                    id,
+                    kind: checker::PANIC.into(),
+                    phase: Phase::Start,
+                    at_ms,
+                    nodes: vec![node.id],
+                    edges: Vec::new(),
+                    detail: format!(
+                        "node {} panicked at {location} {message} (near {at_ms} ms; see its log)",
+                        node.id
+                    ),
+                    sole_keys: Vec::new(),
+                }));
+            }
+        }
+    }
+}
+
+/// Unix milliseconds of a log timestamp `2026-11-27T11:04:20.898067` (UTC).
+fn unix_ms(ts: &str) -> Option<u64> {
+    let num = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms).ok()
+}
+
 fn copy_logs(work_dir: &Path, results: &Path) {
     let logs = results.join("logs");
     let _ = std::fs::create_dir_all(&logs);
@@ -322,5 +381,19 @@ fn copy_logs(work_dir: &Path, results: &Path) {
             let name = format!("{}.log", d.file_name().to_string_lossy());
             let _ = std::fs::copy(&log, logs.join(name));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_timestamps_become_unix_milliseconds() {
+        assert_eq!(super::unix_ms("1970-01-01T00:00:01.250000"), Some(1_250));
+        // date -u -d 2026-11-27T11:04:20.898Z +%s%3N
+        assert_eq!(
+            super::unix_ms("2026-11-27T11:04:20.898067"),
+            Some(1_795_777_460_898)
+        );
+        assert_eq!(super::unix_ms("not a time"), None);
     }
 }

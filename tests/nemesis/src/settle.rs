@@ -66,6 +66,11 @@ struct Round {
     reads: Vec<FinalGet>,
     /// Why the cheap part does not agree yet (empty: it does).
     disagreement: Vec<String>,
+    /// Whether a full read is worth it: a leader, and R copies of every acknowledged key
+    /// on disk (differing bodies or not).
+    complete: bool,
+    /// Changes whenever anything looked at changes.
+    fingerprint: u64,
 }
 
 async fn look(cluster: &Cluster, keys: &[KeyState], cache: &mut DiskCache) -> Round {
@@ -77,6 +82,8 @@ async fn look(cluster: &Cluster, keys: &[KeyState], cache: &mut DiskCache) -> Ro
         tokens: Vec::new(),
         reads: Vec::new(),
         disagreement: Vec::new(),
+        complete: false,
+        fingerprint: 0,
     };
     let nodes = cluster.members();
     let mut views = BTreeMap::new();
@@ -172,6 +179,21 @@ async fn look(cluster: &Cluster, keys: &[KeyState], cache: &mut DiskCache) -> Ro
             short += 1;
         }
     }
+    round.complete = short == 0;
+    round.fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut copies: Vec<(u64, &str, &str)> = round
+            .copies
+            .iter()
+            .map(|c| (c.node, c.key.as_str(), c.digest.as_str()))
+            .collect();
+        copies.sort();
+        copies.hash(&mut h);
+        round.tokens.iter().for_each(|t| t.tokens.hash(&mut h));
+        (round.leader, &round.members, lview["ring_epoch"].as_u64()).hash(&mut h);
+        h.finish()
+    };
     if short + split > 0 {
         round.disagreement.push(format!(
             "{short} acknowledged keys with fewer than R copies on disk, {split} keys with different bodies on disk"
@@ -221,9 +243,13 @@ async fn read_all(cluster: &Cluster, members: &[Arc<Node>], keys: &[KeyState]) -
         .await
 }
 
-/// Waits for agreement (at most `within`), then records the final state and the
-/// `settle` line. `history` is everything recorded so far (the checker judges each
-/// round with it).
+/// How long nothing may change before the settle stops waiting for agreement: several
+/// anti-entropy intervals of the nodes (`flags.rs`).
+const STABLE: Duration = Duration::from_secs(30);
+
+/// Waits for agreement (at most `within`, or until nothing changed for `STABLE`), then
+/// records the final state and the `settle` line. `history` gives everything recorded
+/// so far (the checker judges each round with it).
 pub async fn settle(
     cluster: &Cluster,
     rec: &Recorder,
@@ -234,38 +260,51 @@ pub async fn settle(
 ) -> Settle {
     let deadline = rec.now_ms() + within.as_millis() as u64;
     let mut cache = DiskCache::default();
-    let mut converged_ms = None;
+    let (mut converged_ms, mut served_ms) = (None, None);
     let mut last_note = String::new();
+    let mut same_since = (0u64, rec.now_ms());
     let round = loop {
         let mut round = look(cluster, &keys, &mut cache).await;
-        let timed_out = rec.now_ms() >= deadline;
-        if round.disagreement.is_empty() || timed_out {
+        let now = rec.now_ms();
+        if round.fingerprint != same_since.0 {
+            same_since = (round.fingerprint, now);
+        }
+        let stable = now - same_since.1 >= STABLE.as_millis() as u64;
+        let timed_out = now >= deadline;
+        let mut read = false;
+        if (round.complete && round.leader.is_some()) || timed_out || stable {
             let members: Vec<Arc<Node>> = cluster
                 .members()
                 .into_iter()
                 .filter(|n| round.members.contains(&n.id) || round.members.is_empty())
                 .collect();
             round.reads = read_all(cluster, &members, &keys).await;
-            if round.disagreement.is_empty() {
-                let violations =
-                    checker::check_final(&with_round(history(), &round, last_heal_ms, None));
-                if violations.is_empty() {
-                    converged_ms = Some(rec.now_ms());
-                    break round;
-                }
-                last_note = format!(
-                    "{} final-state violations, e.g. {}",
-                    violations.len(),
-                    violations[0]
-                );
-            } else {
-                last_note = round.disagreement.join("; ");
+            read = true;
+            let violations =
+                checker::check_final(&with_round(history(), &round, last_heal_ms, None));
+            if served_ms.is_none()
+                && !violations
+                    .iter()
+                    .any(|v| v.check == checker::Check::AcknowledgedLost)
+            {
+                served_ms = Some(rec.now_ms());
             }
-            if timed_out {
+            if violations.is_empty() && round.disagreement.is_empty() {
+                converged_ms = Some(rec.now_ms());
                 break round;
             }
+            last_note = match violations.first() {
+                Some(v) => format!("{} final-state violations, e.g. {v}", violations.len()),
+                None => round.disagreement.join("; "),
+            };
         } else {
             last_note = round.disagreement.join("; ");
+        }
+        if timed_out || (stable && read) {
+            if stable && !timed_out {
+                last_note = format!("nothing changed for {} s: {last_note}", STABLE.as_secs());
+            }
+            break round;
         }
         eprintln!("[settle] at {} ms: {last_note}", rec.now_ms());
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -278,6 +317,7 @@ pub async fn settle(
     let settle = Settle {
         last_heal_ms,
         converged_ms,
+        served_ms,
         members,
         replication_factor: round.replication_factor,
         leader: round.leader,
@@ -306,6 +346,7 @@ fn with_round(
     history.push(Record::Settle(settle.unwrap_or_else(|| Settle {
         last_heal_ms,
         converged_ms: None,
+        served_ms: None,
         members: round.members.clone(),
         replication_factor: round.replication_factor,
         leader: round.leader,

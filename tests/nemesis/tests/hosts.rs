@@ -117,6 +117,15 @@ fn connects(from: &hosts::Host, to: Ipv4Addr, port: u16) -> bool {
     .unwrap()
 }
 
+/// Tears the hosts down even when an assertion fails.
+struct Teardown(Arc<HostSet>, std::path::PathBuf);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.0.teardown(&self.1);
+    }
+}
+
 fn our_namespaces(tag: &str) -> Vec<String> {
     hosts::run(&["ip", "netns", "list"])
         .unwrap()
@@ -135,6 +144,7 @@ fn hosts_talk_over_the_bridge_partition_on_demand_and_leave_nothing() {
     let work = std::env::temp_dir().join(format!("nemesis-hosts-test-{tag}"));
     std::fs::create_dir_all(&work).unwrap();
     let set = Arc::new(HostSet::create(&tag, &work).unwrap());
+    let _teardown = Teardown(set.clone(), work.clone());
     let (a_addr, b_addr) = (
         Ipv4Addr::new(198, 18, 0, 201),
         Ipv4Addr::new(198, 18, 0, 202),
@@ -200,7 +210,8 @@ fn leftovers_of_a_dead_run_are_removed_and_a_live_runs_are_not() {
     let tag = format!("d{:05x}", std::process::id() & 0xfffff);
     let work = std::env::temp_dir().join(format!("nemesis-leftover-test-{tag}"));
     std::fs::create_dir_all(&work).unwrap();
-    let set = HostSet::create(&tag, &work).unwrap();
+    let set = Arc::new(HostSet::create(&tag, &work).unwrap());
+    let _teardown = Teardown(set.clone(), work.clone());
     set.add_host("x", Ipv4Addr::new(198, 18, 0, 203)).unwrap();
     // Owned by this (live) process: left alone.
     assert!(!hosts::cleanup_leftovers().contains(&tag));

@@ -206,6 +206,8 @@ fn describe(op: &Op) -> String {
 /// Statuses a PUT may answer under `serve` (README's table): stored, exists, revoked or
 /// not-yet-known token, too few replicas / too many uploads, full disk.
 const PUT_DOCUMENTED: &[u16] = &[200, 202, 401, 409, 503, 507];
+/// A node that is up answers every request within this time (check 4).
+pub const ANSWER_BOUND_MS: u64 = 20_000;
 /// Answers that show a token passed authentication.
 const TOKEN_ACCEPTED: &[u16] = &[200, 202, 404, 409, 507];
 
@@ -480,7 +482,10 @@ fn process_down(windows: &[Window], node: u64, from: u64, to: u64) -> bool {
 fn check_availability(v: &mut Vec<Violation>, h: &History) {
     let (windows, records) = (&h.windows, h.records);
     for op in &h.ops {
-        let timed_out = op.status == 0 && op.error.as_deref() == Some("timeout");
+        // Only a wait past the bound counts (token probes give up sooner, on purpose).
+        let waited = op.timeout_ms.unwrap_or(op.end_ms - op.start_ms);
+        let timed_out =
+            op.status == 0 && op.error.as_deref() == Some("timeout") && waited >= ANSWER_BOUND_MS;
         let up = !process_down(windows, op.node, op.start_ms, op.end_ms);
         let bad = match op.op {
             OpKind::Get => op.status >= 500 || (timed_out && up),
@@ -492,7 +497,10 @@ fn check_availability(v: &mut Vec<Violation>, h: &History) {
         };
         if bad {
             let why = if op.status == 0 {
-                "no answer from a node that was neither killed nor paused".to_owned()
+                format!(
+                    "no answer within {} s from a node that was neither killed nor paused",
+                    ANSWER_BOUND_MS / 1000
+                )
             } else {
                 format!("answered {}", op.status)
             };

@@ -49,6 +49,7 @@ fn op(
             _ => Outcome::Fail,
         },
         error: (status == 0).then(|| "timeout".to_owned()),
+        timeout_ms: None,
         group: None,
     }
 }
@@ -373,6 +374,10 @@ fn check_4_flags_5xx_gets_undocumented_put_errors_hangs_and_crashes() {
     h.push(fault(5, "kill", Phase::Start, 80_000, &[3], &[]));
     h.push(get(85, "k1", 3, None, (80_100, 110_000), 0));
     h.push(fault(5, "kill", Phase::End, 90_000, &[3], &[]));
+    // A probe that gives up after 5 s is no evidence of a hang.
+    let mut probe = op(86, OpKind::Get, "k1", 2, None, (100_000, 105_000), 0);
+    probe.timeout_ms = Some(5_000);
+    h.push(Record::Op(probe));
     h.push(Record::Nemesis(FaultEvent {
         id: 1_000_001,
         kind: CRASH.into(),

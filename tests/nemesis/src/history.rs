@@ -95,6 +95,9 @@ pub struct Op {
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The client's timeout for this request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     /// Conflicting writers of one key share a group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<u64>,

@@ -126,6 +126,7 @@ fn put_timeout(size: usize) -> Duration {
 }
 
 const GET_TIMEOUT: Duration = Duration::from_secs(30);
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Workload {
     pub fn new(
@@ -380,13 +381,14 @@ impl Workload {
         self.bytes_sent.fetch_add(size as u64, Ordering::Relaxed);
         let id = self.op_id();
         let start_ms = self.rec.now_ms();
+        let timeout = put_timeout(size);
         let answer = self
             .cluster
             .http
             .put(format!("{}/v1/cache/{key}", node.url()))
             .bearer_auth(&token.1)
             .header("content-type", "application/octet-stream")
-            .timeout(put_timeout(size))
+            .timeout(timeout)
             .body(bytes)
             .send()
             .await;
@@ -428,6 +430,7 @@ impl Workload {
             status,
             outcome,
             error,
+            timeout_ms: Some(timeout.as_millis() as u64),
             group,
         }));
         outcome
@@ -477,6 +480,7 @@ impl Workload {
             status,
             outcome,
             error,
+            timeout_ms: Some(timeout.as_millis() as u64),
             group: None,
         }));
     }
@@ -537,7 +541,7 @@ impl Workload {
         let start_ms = self.rec.now_ms();
         let (status, text) = self
             .cluster
-            .admin(&node, method, path, body, Duration::from_secs(15))
+            .admin(&node, method, path, body, ADMIN_TIMEOUT)
             .await;
         let outcome = match status {
             201 | 204 => Outcome::Ok,
@@ -557,6 +561,7 @@ impl Workload {
             status,
             outcome,
             error: (status == 0).then(|| "timeout".to_owned()),
+            timeout_ms: Some(ADMIN_TIMEOUT.as_millis() as u64),
             group: None,
         }));
         (status, text)

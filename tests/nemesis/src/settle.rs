@@ -97,12 +97,13 @@ async fn look(cluster: &Cluster, keys: &[KeyState], cache: &mut DiskCache) -> Ro
         round.leader = leaders.into_iter().next().flatten();
     }
     let Some(leader) = round.leader else {
+        let seen: Vec<String> = views
+            .iter()
+            .map(|(id, s)| format!("node {id}: leader {} in term {}", s["leader_id"], s["term"]))
+            .collect();
         round.disagreement.push(format!(
-            "leaders seen: {:?} ({} of {} answered)",
-            views
-                .values()
-                .map(|s| s["leader_id"].as_u64())
-                .collect::<Vec<_>>(),
+            "members disagree on the leader ({}; {} of {} answered)",
+            seen.join(", "),
             views.len(),
             nodes.len()
         ));
@@ -293,10 +294,16 @@ pub async fn settle(
                 converged_ms = Some(rec.now_ms());
                 break round;
             }
-            last_note = match violations.first() {
-                Some(v) => format!("{} final-state violations, e.g. {v}", violations.len()),
-                None => round.disagreement.join("; "),
-            };
+            last_note = round.disagreement.join("; ");
+            if let Some(v) = violations.first() {
+                if !last_note.is_empty() {
+                    last_note.push_str("; ");
+                }
+                last_note.push_str(&format!(
+                    "{} final-state violations, e.g. {v}",
+                    violations.len()
+                ));
+            }
         } else {
             last_note = round.disagreement.join("; ");
         }

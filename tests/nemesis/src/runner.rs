@@ -256,6 +256,7 @@ async fn run_checked(
     if failed {
         copy_logs(work_dir, results);
         println!("FAILED: seed {}", o.seed);
+        print!("{}", schedule.render());
         println!("  schedule: {}", results.join("schedule.txt").display());
         println!("  history:  {}", history_path.display());
         println!("  report:   {}", results.join("report.txt").display());

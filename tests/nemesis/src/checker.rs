@@ -70,6 +70,8 @@ pub struct Figures {
     /// `"put 200"`, `"get 404"`, `"get no answer (timeout)"`, ...
     pub ops: BTreeMap<String, u64>,
     pub faults: BTreeMap<String, u64>,
+    /// Process crashes and panics found (check 4 names each).
+    pub findings: BTreeMap<String, u64>,
     pub keys_written: usize,
     pub keys_acknowledged: usize,
     /// Acknowledged keys whose only holders lost their disk or left the cluster.
@@ -326,6 +328,11 @@ fn figures(f: &mut Figures, h: &History) {
     }
     for r in records {
         match r {
+            Record::Nemesis(e)
+                if e.phase == Phase::Start && (e.kind == CRASH || e.kind == PANIC) =>
+            {
+                *f.findings.entry(e.kind.clone()).or_default() += 1;
+            }
             Record::Nemesis(e) if e.phase == Phase::Start => {
                 *f.faults.entry(e.kind.clone()).or_default() += 1;
             }

@@ -388,6 +388,13 @@ fn check_4_flags_5xx_gets_undocumented_put_errors_hangs_and_crashes() {
         detail: "node 2 exited on its own: signal 6".into(),
         sole_keys: Vec::new(),
     }));
+    let report = check(&h);
+    assert_eq!(report.figures.findings.get(CRASH), Some(&1));
+    assert_eq!(
+        report.figures.faults.get(CRASH),
+        None,
+        "a crash is no injected fault"
+    );
     let v = violations(&h, Check::Availability);
     let ids: Vec<String> = v.iter().map(|v| v.evidence.clone()).collect();
     assert_eq!(v.len(), 4, "{ids:#?}");

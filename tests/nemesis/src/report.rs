@@ -45,6 +45,17 @@ pub fn render(report: &Report, per_check: Option<usize>) -> String {
                 .join(", ")
         }
     );
+    if !f.findings.is_empty() {
+        let _ = writeln!(
+            out,
+            "nodes that crashed or panicked: {}",
+            f.findings
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(
         out,
         "keys: {} written, {} acknowledged, {} excused (their only holders lost their disk or left)",

@@ -294,16 +294,13 @@ pub async fn settle(
                 converged_ms = Some(rec.now_ms());
                 break round;
             }
-            last_note = round.disagreement.join("; ");
-            if let Some(v) = violations.first() {
-                if !last_note.is_empty() {
-                    last_note.push_str("; ");
+            // What the members disagree on says more than the checker's view of it.
+            last_note = match violations.first() {
+                Some(v) if round.disagreement.is_empty() => {
+                    format!("{} final-state violations, e.g. {v}", violations.len())
                 }
-                last_note.push_str(&format!(
-                    "{} final-state violations, e.g. {v}",
-                    violations.len()
-                ));
-            }
+                _ => round.disagreement.join("; "),
+            };
         } else {
             last_note = round.disagreement.join("; ");
         }

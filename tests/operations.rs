@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use nxcache_tests::{
     ADMIN_TOKEN, NodeProcess, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, admin_status, get,
@@ -392,24 +392,7 @@ async fn the_generated_cluster_secret_is_private_kept_and_lets_a_joiner_in() {
 
 /// Runs a command that should end by itself; fails the test if it runs for a minute.
 fn run_bounded(command: &mut Command) -> Output {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command:?} still running after a minute");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    nxcache_tests::output_within(command, Duration::from_secs(60))
 }
 
 fn probe(url: &str) -> Output {

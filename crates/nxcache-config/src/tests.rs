@@ -1,19 +1,17 @@
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, FromArgMatches};
 
 use super::*;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
+/// The flags parsed as `nxcache serve` would, except that the caller's `NXCACHE_*`
+/// variables fill nothing: these tests are about the flags and the file.
 fn args(list: &[&str]) -> ServeArgs {
     let mut argv = vec!["nxcache"];
     argv.extend_from_slice(list);
-    Cli::try_parse_from(argv).unwrap().serve
+    let command =
+        ServeArgs::augment_args(clap::Command::new("nxcache")).mut_args(|arg| arg.env(None));
+    ServeArgs::from_arg_matches(&command.try_get_matches_from(argv).unwrap()).unwrap()
 }
 
 #[test]

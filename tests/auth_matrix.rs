@@ -4,19 +4,17 @@
 //! cluster secret. Refusals of inter-node calls and every admin action are in the audit
 //! log.
 
-use std::time::Duration;
-
 use nxcache_rpc::ClusterSecret;
 use nxcache_rpc::pb::PingRequest;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use nxcache_tests::{
-    ADMIN_TOKEN, CLUSTER_SECRET, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, metric, metrics_page,
-    wait_until,
+    ADMIN_TOKEN, CLUSTER_SECRET, PATIENCE, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, metric,
+    metrics_page, wait_until,
 };
 
 /// Status and `Content-Type` of a request to `url` with `authorization` (raw header).
 async fn call(method: &str, url: &str, authorization: Option<&str>) -> (u16, String) {
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let mut request = match method {
         "PUT" => client.put(url).body(vec![1u8; 100]),
         "POST" => client
@@ -107,19 +105,15 @@ async fn each_credential_gets_exactly_its_documented_answer() {
     let (ok, out) = admin(&url, &["tokens", "revoke", "temp"]);
     assert!(ok, "{out}");
     let check = stored.clone();
-    wait_until(Duration::from_secs(1), "the revoked token refused", || {
+    wait_until(PATIENCE, "the revoked token refused", || {
         let (check, temp) = (check.clone(), temp.clone());
         async move { call("GET", &check, Some(&temp)).await.0 == 401 }
     })
     .await;
 
     // Inter-node calls: without the secret, with a wrong one, with the right one.
-    let grpc = format!("http://127.0.0.1:{}", cluster.grpc_ports[0]);
-    let channel = tonic::transport::Endpoint::from_shared(grpc)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        nxcache_tests::grpc_channel(&format!("127.0.0.1:{}", cluster.grpc_ports[0])).await;
     let refused = MembershipClient::new(channel.clone())
         .ping(PingRequest {})
         .await

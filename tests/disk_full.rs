@@ -69,7 +69,7 @@ async fn a_full_disk_answers_507_keeps_serving_reads_and_recovers() {
     config.max_disk_usage = 1 << 30;
     let node = nxcache::start(config).await.unwrap();
     let url = node.base_url();
-    let http = reqwest::Client::new();
+    let http = nxcache_tests::http_client();
 
     // Ballast that the operator can later delete.
     let ballast = fs.path().join("ballast");

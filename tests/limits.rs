@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use nxcache_tests::{
-    NodeProcess, RW_TOKEN, get, holds_on_disk, http_client, metric_sum, metrics_page, put,
-    random_bytes, wait_until,
+    NodeProcess, PATIENCE, RW_TOKEN, get, holds_on_disk, http_client, metric_sum, metrics_page,
+    put, random_bytes, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,20 +27,16 @@ async fn an_artifact_not_read_for_longer_than_the_ttl_becomes_a_miss() {
     assert_eq!(put(&client, &node.url, "31337", body.clone()).await, 200);
     // Not read again: once idle for longer than the TTL it is evicted. Awaited through
     // the metrics, since polling with GET would read it and keep it alive.
-    wait_until(
-        Duration::from_secs(60),
-        "the idle artifact evicted for its TTL",
-        || {
-            let url = node.url.clone();
-            async move {
-                metric_sum(
-                    &metrics_page(&url).await,
-                    "nxcache_store_evictions_total",
-                    &[r#"reason="ttl""#],
-                ) >= 1.0
-            }
-        },
-    )
+    wait_until(PATIENCE, "the idle artifact evicted for its TTL", || {
+        let url = node.url.clone();
+        async move {
+            metric_sum(
+                &metrics_page(&url).await,
+                "nxcache_store_evictions_total",
+                &[r#"reason="ttl""#],
+            ) >= 1.0
+        }
+    })
     .await;
     assert!(!holds_on_disk(&node.data_dir, "31337"), "its file is left");
     assert_eq!(get(&client, &node.url, "31337").await.0, 404);
@@ -148,7 +144,7 @@ async fn a_connection_beyond_the_limit_waits_until_one_closes() {
     drop(third);
     drop(held);
     let client = http_client();
-    wait_until(Duration::from_secs(30), "a new client served", || {
+    wait_until(PATIENCE, "a new client served", || {
         let (client, url) = (client.clone(), node.url.clone());
         async move {
             client
@@ -196,7 +192,7 @@ async fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_process_
     });
     tx.send(Ok(vec![1; 10])).await.unwrap();
     // In flight once the node has reserved its budget; the rest never comes.
-    wait_until(Duration::from_secs(30), "the upload in flight", || {
+    wait_until(PATIENCE, "the upload in flight", || {
         let url = url.clone();
         async move {
             nxcache_tests::metric(&metrics_page(&url).await, "nxcache_store_reserved_bytes")
@@ -208,7 +204,7 @@ async fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_process_
     let log = node.log.clone();
     // The node says when the timeout expired, once the request is cut.
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "the node to report requests cut at the shutdown timeout",
         || {
             let cut = std::fs::read_to_string(&log)
@@ -259,7 +255,7 @@ async fn a_request_cut_at_the_shutdown_timeout_does_not_outlive_the_node() {
         )
         .await
         .unwrap();
-    wait_until(Duration::from_secs(30), "the upload in flight", || {
+    wait_until(PATIENCE, "the upload in flight", || {
         let url = url.clone();
         async move {
             nxcache_tests::metric(&metrics_page(&url).await, "nxcache_store_reserved_bytes")

@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use nxcache_tests::{
-    ADMIN_TOKEN, NodeProcess, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, admin_status, get,
-    holds_on_disk, http_client, metrics_page, nxcache_bin, put, random_bytes, wait_until,
+    ADMIN_TOKEN, NodeProcess, PATIENCE, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, admin_status,
+    get, holds_on_disk, http_client, metrics_page, nxcache_bin, put, random_bytes, wait_until,
 };
 
 /// A leader, `members` members, every one reachable and active.
@@ -34,7 +34,7 @@ fn member_ids(status: &serde_json::Value, role: Option<&str>) -> Vec<u64> {
 
 async fn wait_settled(url: &str, members: usize) {
     let what = format!("{members} reachable active members and a leader, seen from {url}");
-    wait_until(Duration::from_secs(90), &what, || {
+    wait_until(PATIENCE, &what, || {
         let url = url.to_owned();
         async move { admin_status(&url).is_some_and(|s| settled(&s, members)) }
     })
@@ -113,15 +113,11 @@ async fn drain_then_remove(pick: Victim) {
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
     wait_settled(&urls[0], 4).await;
     let written = write_artifacts(&urls, 70_000, 60).await;
-    wait_until(
-        Duration::from_secs(90),
-        "every artifact on exactly three disks",
-        || {
-            let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
-            let placed = written.keys().all(|h| disk_holders(&nodes, h).len() == 3);
-            async move { placed }
-        },
-    )
+    wait_until(PATIENCE, "every artifact on exactly three disks", || {
+        let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+        let placed = written.keys().all(|h| disk_holders(&nodes, h).len() == 3);
+        async move { placed }
+    })
     .await;
 
     let before = admin_status(&urls[0]).unwrap();
@@ -176,7 +172,7 @@ async fn drain_then_remove(pick: Victim) {
     // (a learner may be promoted beside them) and all agree on one leader.
     let remaining_voters: Vec<u64> = voters.iter().copied().filter(|v| *v != victim_id).collect();
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "three members on every remaining node, the other voters intact, one leader",
         || {
             let urls = survivor_urls.clone();
@@ -220,7 +216,7 @@ async fn drain_then_remove(pick: Victim) {
     let client = http_client();
     for url in &survivor_urls {
         wait_until(
-            Duration::from_secs(30),
+            PATIENCE,
             &format!("the new token accepted by {url}"),
             || {
                 let (client, url, token) = (client.clone(), url.clone(), token.clone());
@@ -250,7 +246,7 @@ async fn a_node_back_with_an_empty_disk_is_refilled_by_anti_entropy_alone() {
     let written = write_artifacts(&urls, 90_000, 60).await;
     // Settled: three copies of each, no hint anywhere.
     wait_until(
-        Duration::from_secs(90),
+        PATIENCE,
         "every artifact on exactly three disks and no hint pending",
         || {
             let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();

@@ -242,11 +242,17 @@ impl NodeProcess {
         });
         let url = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(url) => url,
-            Err(_) => {
+            Err(why) => {
                 let _ = child.kill();
-                let _ = exit_within(&mut child, EXIT_WITHIN);
+                let exited = exit_within(&mut child, EXIT_WITHIN);
+                let what = match why {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => "within a minute".to_owned(),
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        format!("before it closed its log (exit: {exited:?})")
+                    }
+                };
                 panic!(
-                    "nxcache did not report that it is serving within a minute (its log: {})",
+                    "nxcache did not report that it is serving {what}; its log: {}",
                     self.log.display()
                 );
             }
@@ -677,6 +683,18 @@ pub fn http_client() -> reqwest::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("HTTP client")
+}
+
+/// A plain-text gRPC channel to `addr` (host:port) whose connection attempt and every
+/// call give up after a minute: a node that never answers fails the test, not hangs it.
+pub async fn grpc_channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a gRPC address")
+        .connect_timeout(Duration::from_secs(60))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to the gRPC server at {addr}: {e}"))
 }
 
 /// Whether a node's data dir holds the committed blob `key` (for the default namespace,

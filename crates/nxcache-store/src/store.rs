@@ -144,6 +144,9 @@ struct Inner {
     claims: Mutex<HashMap<BlobKey, (Version, u64)>>,
     /// Eviction marks recorded (approximate between purges).
     marks: AtomicU64,
+    /// Added to the wall clock wherever idle time is measured (access times, the TTL):
+    /// zero, except in tests that make time pass without waiting for it.
+    clock_skew_ms: AtomicU64,
 }
 
 /// See [`BlobStore::set_eviction_listener`]: the key and the copy that was evicted.
@@ -260,6 +263,7 @@ impl BlobStore {
                 digests: RingDigests::new(),
                 claims: Mutex::new(HashMap::new()),
                 marks: AtomicU64::new(0),
+                clock_skew_ms: AtomicU64::new(0),
             }),
         };
         store.recover(fresh)?;
@@ -368,6 +372,20 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Now, in ms since the epoch, on the clock that idle times and the TTL are measured
+    /// with.
+    fn now(&self) -> u64 {
+        now_ms() + self.inner.clock_skew_ms.load(Ordering::Relaxed)
+    }
+
+    /// Makes `by` pass for access times and the TTL (tests: expiry without waiting).
+    #[cfg(test)]
+    pub(crate) fn advance_clock(&self, by: Duration) {
+        self.inner
+            .clock_skew_ms
+            .fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+    }
+
     fn describe_file(&self, path: &Path) -> Result<BlobMeta, StoreError> {
         let mut file = std::fs::File::open(path)?;
         let mut hasher = crate::checksum::ChecksumHasher::new();
@@ -381,7 +399,7 @@ impl BlobStore {
             hasher.update(&buf[..n]);
             size += n as u64;
         }
-        let now = now_ms();
+        let now = self.now();
         let checksum = hasher.finish();
         Ok(BlobMeta {
             size,
@@ -800,7 +818,7 @@ impl BlobStore {
         replaces: Option<Version>,
     ) -> Result<Committed, StoreError> {
         let final_path = self.inner.layout.blob_path(key);
-        let now = now_ms();
+        let now = self.now();
         let meta = BlobMeta {
             size: copy.size,
             checksum: copy.checksum,
@@ -933,7 +951,7 @@ impl BlobStore {
         let mut pending = lock(&self.inner.pending_touches);
         pending.counter += 1;
         let order = pending.counter;
-        let now = now_ms();
+        let now = self.now();
         pending
             .accesses
             .entry(key.clone())
@@ -978,7 +996,7 @@ impl BlobStore {
 
     fn is_expired(&self, meta: &BlobMeta) -> bool {
         match self.inner.config.ttl {
-            Some(ttl) => now_ms().saturating_sub(meta.accessed_ms) > ttl.as_millis() as u64,
+            Some(ttl) => self.now().saturating_sub(meta.accessed_ms) > ttl.as_millis() as u64,
             None => false,
         }
     }
@@ -1115,7 +1133,7 @@ impl BlobStore {
             return Ok(0);
         };
         self.apply_accesses();
-        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let cutoff = self.now().saturating_sub(ttl.as_millis() as u64);
         let mut expired = 0;
         loop {
             let batch = self.inner.index.least_recent(64)?;

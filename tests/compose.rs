@@ -86,6 +86,8 @@ impl ComposeCluster {
         let program = compose_program();
         let root = workspace_root();
         let mut cmd = Command::new(program[0]);
+        // The compose file reads NXCACHE_* from this environment: only the test's own.
+        nxcache_testkit::env::isolate(&mut cmd);
         cmd.args(&program[1..])
             .args(["--project-name", &self.project, "--file"])
             .arg(root.join("docker-compose.yml"))

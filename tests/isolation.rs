@@ -31,14 +31,19 @@ async fn nodes_and_children_ignore_the_callers_nxcache_and_otel_variables() {
         unsafe { std::env::set_var(name, value) };
     }
 
-    // A child process started by the helpers sees none of them.
-    let env = output_within(&mut Command::new("env"), PATIENCE);
+    // A child process started by the helpers sees none of them, only what the test
+    // gave it.
+    let env = output_within(
+        Command::new("env").env("NXCACHE_READ_WRITE_TOKENS", "given"),
+        PATIENCE,
+    );
     let seen = String::from_utf8_lossy(&env.stdout);
     for (name, _) in LEAKED {
-        assert!(
-            !seen.lines().any(|l| l.starts_with(&format!("{name}="))),
-            "a child saw {name}"
-        );
+        let given = (name == "NXCACHE_READ_WRITE_TOKENS").then_some("given");
+        let got = seen
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")));
+        assert_eq!(got, given, "what a child saw of {name}");
     }
 
     // A real node starts (it would refuse the replication factor, and its log would not

@@ -17,6 +17,8 @@ pub const RO_TOKEN: &str = "test-ro-token";
 /// Base configuration of a test node: loopback, random port, fsync off (speed), the two
 /// test tokens, the given data dir.
 pub fn test_config(data_dir: &Path) -> ServeConfig {
+    // Every helper that starts a node or a client puts the calling test under the deadline.
+    watchdog::arm();
     let args = ServeArgs {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         grpc_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -679,6 +681,7 @@ pub async fn get(client: &reqwest::Client, base: &str, hash: &str) -> (u16, Vec<
 /// An HTTP client whose every request gives up after a minute: a node that never
 /// answers fails the test instead of hanging it.
 pub fn http_client() -> reqwest::Client {
+    watchdog::arm();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -688,6 +691,7 @@ pub fn http_client() -> reqwest::Client {
 /// A plain-text gRPC channel to `addr` (host:port) whose connection attempt and every
 /// call give up after a minute: a node that never answers fails the test, not hangs it.
 pub async fn grpc_channel(addr: &str) -> tonic::transport::Channel {
+    watchdog::arm();
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("a gRPC address")
         .connect_timeout(Duration::from_secs(60))

@@ -221,18 +221,11 @@ async fn write(plane: &DataPlane, k: &str, data: &Bytes) -> Result<(), PutError>
 
 /// Waits (with a deadline) until `node` holds a copy of `k`.
 async fn until_held(node: &Node, k: &str) -> CopyIdentity {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Some(copy) = node.copy(k) {
-            return copy;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node {} never stored {k}",
-            node.id
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let what = format!("node {} holding a copy of {k}", node.id);
+    nxcache_testkit::wait_for(nxcache_testkit::PATIENCE, &what, || {
+        std::future::ready(node.copy(k))
+    })
+    .await
 }
 
 #[tokio::test]

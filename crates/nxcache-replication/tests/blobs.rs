@@ -32,6 +32,7 @@ fn open_store(dir: &std::path::Path, registry: &prometheus::Registry) -> BlobSto
 }
 
 async fn peer() -> Peer {
+    nxcache_testkit::watchdog::arm();
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path(), &prometheus::Registry::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

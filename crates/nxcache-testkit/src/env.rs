@@ -68,11 +68,13 @@ pub fn outer_cargo_vars() -> Vec<OsString> {
     names
 }
 
-/// Starts `cmd` without the caller's `NXCACHE_*` / `OTEL_*` variables; what the test
-/// passes with `cmd.env(..)` afterwards still applies.
+/// Starts `cmd` without the caller's `NXCACHE_*` / `OTEL_*` variables. What the test
+/// passes with `cmd.env(..)`, before or after, still applies.
 pub fn isolate(cmd: &mut std::process::Command) -> &mut std::process::Command {
     for name in node_vars() {
-        cmd.env_remove(name);
+        if !cmd.get_envs().any(|(set, _)| set == name) {
+            cmd.env_remove(name);
+        }
     }
     cmd
 }

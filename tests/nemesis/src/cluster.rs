@@ -271,6 +271,8 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // Only what the suite sets: none of the caller's NXCACHE_* / OTEL_* variables.
+        nxcache_testkit::env::isolate(&mut cmd);
         for (k, v) in flags::serve_env(&self.secrets) {
             cmd.env(k, v);
         }

@@ -331,10 +331,14 @@ async fn a_512_mib_artifact_streams_through_a_node_that_does_not_own_it() {
         (0..CHUNKS).map(|i| Ok::<_, std::io::Error>(chunk_of(i))),
     ));
     let client = nxcache_tests::http_client();
+    // Each transfer gets far longer than the shared client's minute: 512 MiB through two
+    // hops of a debug build on a loaded machine, bounded still.
+    let transfer = std::time::Duration::from_secs(420);
     let response = client
         .put(format!("{}/v1/cache/{hash}", via.url))
         .bearer_auth(RW_TOKEN)
         .header("content-length", CHUNKS << 20)
+        .timeout(transfer)
         .body(body)
         .send()
         .await
@@ -343,6 +347,7 @@ async fn a_512_mib_artifact_streams_through_a_node_that_does_not_own_it() {
     let mut response = client
         .get(format!("{}/v1/cache/{hash}", via.url))
         .bearer_auth(RW_TOKEN)
+        .timeout(transfer)
         .send()
         .await
         .unwrap();

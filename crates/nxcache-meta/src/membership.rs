@@ -351,6 +351,7 @@ impl MetaNode {
                         "this node stopped leading during the change; retry".into(),
                     ));
                 }
+                Ok(Err(RaftError::Fatal(fatal))) => return Err(self.core_stopped(&fatal)),
                 Ok(Err(err)) => return Err(MetaError::Raft(err.to_string())),
                 Err(_) => return Err(no_quorum()),
             }

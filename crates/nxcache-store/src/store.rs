@@ -144,6 +144,9 @@ struct Inner {
     claims: Mutex<HashMap<BlobKey, (Version, u64)>>,
     /// Eviction marks recorded (approximate between purges).
     marks: AtomicU64,
+    /// Room on the file system kept for the metadata log: uploads that would eat into it
+    /// are refused as a full disk.
+    space_reserve: std::sync::OnceLock<Arc<nxcache_sled::SpaceReserve>>,
 }
 
 /// See [`BlobStore::set_eviction_listener`]: the key and the copy that was evicted.
@@ -260,6 +263,7 @@ impl BlobStore {
                 digests: RingDigests::new(),
                 claims: Mutex::new(HashMap::new()),
                 marks: AtomicU64::new(0),
+                space_reserve: std::sync::OnceLock::new(),
             }),
         };
         store.recover(fresh)?;
@@ -668,6 +672,13 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Keeps `reserve` free: from now on an upload or copy that would leave less than it
+    /// free on the file system is refused with [`StoreError::DiskFull`] before it writes.
+    /// Set once; later calls are ignored.
+    pub fn keep_space_reserve(&self, reserve: Arc<nxcache_sled::SpaceReserve>) {
+        let _ = self.inner.space_reserve.set(reserve);
+    }
+
     /// Starts an upload of exactly `len` bytes, reserving them in the budget (evicting
     /// least recently used blobs if needed). The copy gets a new [`Version`].
     pub async fn begin_write(&self, key: BlobKey, len: u64) -> Result<BlobWriter, StoreError> {
@@ -688,6 +699,18 @@ impl BlobStore {
             && replaces != Some(current.version)
         {
             return Err(StoreError::Exists);
+        }
+        if let Some(reserve) = self.inner.space_reserve.get()
+            && !reserve.admits(len)
+        {
+            self.count_write_failure("disk_full");
+            tracing::debug!(
+                len,
+                available = reserve.available(),
+                reserve = reserve.bytes(),
+                "upload refused: it would eat into the space kept for the metadata log"
+            );
+            return Err(StoreError::DiskFull);
         }
         if !self.try_reserve(len)? {
             // Eviction deletes files: off the async threads.

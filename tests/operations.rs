@@ -92,9 +92,6 @@ async fn drain_then_remove_moves_the_data_off_and_keeps_the_cluster_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: MetaNode::remove on the leader removing itself makes openraft 0.9 panic \
-            ('Only leader is allowed to call update_effective_membership()'): after \
-            RemoveVoters of itself it proposes RemoveNodes; Raft issue 12 (membership) owns the fix"]
 async fn removing_the_node_that_leads_keeps_the_cluster_whole() {
     drain_then_remove(Victim::Leader).await;
 }

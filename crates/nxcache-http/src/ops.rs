@@ -6,9 +6,16 @@ use prometheus::{Encoder, TextEncoder};
 use crate::ApiState;
 use crate::error::{ApiError, plain};
 
-/// Liveness: the process answers.
-pub(crate) async fn healthz() -> Response {
-    plain(StatusCode::OK, "ok")
+/// Liveness: the process answers and its control plane runs.
+pub(crate) async fn healthz(State(state): State<ApiState>) -> Response {
+    match state.cluster.liveness() {
+        Ok(()) => plain(StatusCode::OK, "ok"),
+        Err(why) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}; restart this node"),
+        )
+        .into_response(),
+    }
 }
 
 /// Readiness: not shutting down, and the data directory takes writes.
@@ -16,7 +23,12 @@ pub(crate) async fn readyz(State(state): State<ApiState>) -> Response {
     if state.readiness.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    if let Err(why) = state.cluster.readiness() {
+    if let Err(why) = state
+        .cluster
+        .liveness()
+        .map_err(|why| format!("{why}; restart this node"))
+        .and_then(|()| state.cluster.readiness())
+    {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
             .into_response();
     }

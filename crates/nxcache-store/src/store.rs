@@ -147,6 +147,9 @@ struct Inner {
     /// Added to the wall clock wherever idle time is measured (access times, the TTL):
     /// zero, except in tests that make time pass without waiting for it.
     clock_skew_ms: AtomicU64,
+    /// Room on the file system kept for the metadata log: uploads that would eat into it
+    /// are refused as a full disk.
+    space_reserve: std::sync::OnceLock<Arc<nxcache_sled::SpaceReserve>>,
 }
 
 /// See [`BlobStore::set_eviction_listener`]: the key and the copy that was evicted.
@@ -264,6 +267,7 @@ impl BlobStore {
                 claims: Mutex::new(HashMap::new()),
                 marks: AtomicU64::new(0),
                 clock_skew_ms: AtomicU64::new(0),
+                space_reserve: std::sync::OnceLock::new(),
             }),
         };
         store.recover(fresh)?;
@@ -686,6 +690,13 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Keeps `reserve` free: from now on an upload or copy that would leave less than it
+    /// free on the file system is refused with [`StoreError::DiskFull`] before it writes.
+    /// Set once; later calls are ignored.
+    pub fn keep_space_reserve(&self, reserve: Arc<nxcache_sled::SpaceReserve>) {
+        let _ = self.inner.space_reserve.set(reserve);
+    }
+
     /// Starts an upload of exactly `len` bytes, reserving them in the budget (evicting
     /// least recently used blobs if needed). The copy gets a new [`Version`].
     pub async fn begin_write(&self, key: BlobKey, len: u64) -> Result<BlobWriter, StoreError> {
@@ -706,6 +717,18 @@ impl BlobStore {
             && replaces != Some(current.version)
         {
             return Err(StoreError::Exists);
+        }
+        if let Some(reserve) = self.inner.space_reserve.get()
+            && !reserve.admits(len)
+        {
+            self.count_write_failure("disk_full");
+            tracing::debug!(
+                len,
+                available = reserve.available(),
+                reserve = reserve.bytes(),
+                "upload refused: it would eat into the space kept for the metadata log"
+            );
+            return Err(StoreError::DiskFull);
         }
         if !self.try_reserve(len)? {
             // Eviction deletes files: off the async threads.

@@ -294,6 +294,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             .await?
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?
     };
+    // Before the metadata log opens: its writes must always find room (a write it cannot
+    // make stops its Raft core for good).
+    let space_reserve = crate::reserve::open(&config.data_dir).await?;
+    store.keep_space_reserve(space_reserve.clone());
     let (seeds, new_token) = seed_tokens(&config)?;
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -380,7 +384,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     }
     topology.attach(meta.clone());
     let (stop, stop_rx) = watch::channel(false);
-    let mut workers = Vec::new();
+    let mut workers = vec![crate::reserve::spawn_watch(
+        space_reserve,
+        &registry,
+        stop_rx.clone(),
+    )?];
     let settling = tokio::spawn(settle_settings(
         meta.clone(),
         config.cluster.clone(),

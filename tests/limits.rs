@@ -200,7 +200,7 @@ async fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_process_
         let url = url.clone();
         async move {
             nxcache_tests::metric(&metrics_page(&url).await, "nxcache_store_reserved_bytes")
-                == Some(20.0)
+                == Some(10.0)
         }
     })
     .await;
@@ -263,7 +263,7 @@ async fn a_request_cut_at_the_shutdown_timeout_does_not_outlive_the_node() {
         let url = url.clone();
         async move {
             nxcache_tests::metric(&metrics_page(&url).await, "nxcache_store_reserved_bytes")
-                == Some(20.0)
+                == Some(10.0)
         }
     })
     .await;

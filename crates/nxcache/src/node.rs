@@ -441,7 +441,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 .map(|t| nxcache_auth::Digest::of(t.expose())),
         }),
         metrics: HttpMetrics::register(&registry)?,
-        registry,
+        registry: registry.clone(),
         readiness: readiness.clone(),
         uploads: nxcache_http::UploadSlots::new(
             config.max_concurrent_uploads,
@@ -449,6 +449,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         ),
     };
     let router = nxcache_http::router(state);
+    let listener_metrics = crate::listener::ListenerMetrics::register(&registry)?;
     let serving = tokio::spawn(serve(
         listener,
         router,
@@ -456,8 +457,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         ListenerConfig {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout,
+            first_byte_timeout: config.first_byte_timeout,
+            send_timeout: config.send_timeout,
             shutdown_timeout: config.shutdown_timeout,
         },
+        listener_metrics,
         stop_rx.clone(),
     ));
     {

@@ -678,12 +678,23 @@ impl BlobStore {
         Ok(ScrubOutcome::Dropped)
     }
 
-    /// Checks that the data directory accepts writes (readiness).
+    /// Checks that the data directory accepts writes (readiness): a probe file is written,
+    /// synced and removed. Run by one background check, not per request.
     pub async fn probe_writable(&self) -> Result<(), StoreError> {
-        let path = self.inner.layout.tmp_dir().join(".probe");
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .inner
+            .layout
+            .tmp_dir()
+            .join(format!(".probe.{}.{n}", std::process::id()));
         tokio::task::spawn_blocking(move || {
-            std::fs::write(&path, b"ok")?;
-            std::fs::remove_file(&path)
+            let written = (|| {
+                let mut file = std::fs::File::create(&path)?;
+                std::io::Write::write_all(&mut file, b"ok")?;
+                file.sync_all()
+            })();
+            let removed = std::fs::remove_file(&path);
+            written.and(removed)
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
@@ -697,8 +708,9 @@ impl BlobStore {
         let _ = self.inner.space_reserve.set(reserve);
     }
 
-    /// Starts an upload of exactly `len` bytes, reserving them in the budget (evicting
-    /// least recently used blobs if needed). The copy gets a new [`Version`].
+    /// Starts an upload of exactly `len` bytes. Nothing is reserved yet: each chunk
+    /// reserves its bytes in the budget as it arrives (evicting least recently used blobs
+    /// if needed). The copy gets a new [`Version`].
     pub async fn begin_write(&self, key: BlobKey, len: u64) -> Result<BlobWriter, StoreError> {
         self.begin_copy(key, len, Version::new(), None).await
     }
@@ -730,12 +742,12 @@ impl BlobStore {
             );
             return Err(StoreError::DiskFull);
         }
-        if !self.try_reserve(len)? {
-            // Eviction deletes files: off the async threads.
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.reserve(len))
-                .await
-                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        // Only a size that can never fit is refused here. Space is reserved (and evicted
+        // for) as the bytes arrive, in [`BlobWriter::write`]: an announced size alone
+        // costs the cache nothing, so an upload that never sends its body evicts nothing.
+        let budget = self.inner.config.max_bytes;
+        if len > budget {
+            return Err(StoreError::LargerThanBudget { size: len, budget });
         }
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self
@@ -750,6 +762,18 @@ impl BlobStore {
             version,
             replaces,
         ))
+    }
+
+    /// Reserves `len` more bytes of an upload in progress, evicting least recently used
+    /// blobs when they do not fit (off the async threads: eviction deletes files).
+    pub(crate) async fn reserve_received(&self, len: u64) -> Result<(), StoreError> {
+        if self.try_reserve(len)? {
+            return Ok(());
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.reserve(len))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     /// Reserves `len` bytes if they fit without evicting anything.

@@ -421,6 +421,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         nxcache_replication::ReplicationMetrics::register(&registry)?,
     );
     let readiness = Readiness::default();
+    // /readyz answers from the last check: the first is made before serving.
+    let writable = prometheus::IntGauge::new(
+        "nxcache_data_dir_writable",
+        "1 when the last background check could write, sync and remove a file in the data directory, else 0 (/readyz answers 503).",
+    )?;
+    registry.register(Box::new(writable.clone()))?;
+    nxcache_http::check_disk(&store, &readiness, &writable).await;
     let state = ApiState {
         data: data.clone(),
         auth: meta.authenticator(),
@@ -431,13 +438,26 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             put_success_status: StatusCode::from_u16(config.put_success_status)
                 .expect("validated status"),
             body_idle_timeout: config.body_idle_timeout,
+            upload_pace: nxcache_http::UploadPace {
+                min_rate: config.upload_min_rate,
+                grace: config.upload_rate_grace,
+                deadline: config.upload_deadline,
+            },
+            metrics_token: config
+                .metrics_token
+                .as_ref()
+                .map(|t| nxcache_auth::Digest::of(t.expose())),
         }),
         metrics: HttpMetrics::register(&registry)?,
-        registry,
+        registry: registry.clone(),
         readiness: readiness.clone(),
-        uploads: nxcache_http::UploadSlots::new(config.max_concurrent_uploads),
+        uploads: nxcache_http::UploadSlots::new(
+            config.max_concurrent_uploads,
+            config.max_uploads_per_token,
+        ),
     };
     let router = nxcache_http::router(state);
+    let listener_metrics = crate::listener::ListenerMetrics::register(&registry)?;
     let serving = tokio::spawn(serve(
         listener,
         router,
@@ -445,8 +465,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         ListenerConfig {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout,
+            first_byte_timeout: config.first_byte_timeout,
+            send_timeout: config.send_timeout,
             shutdown_timeout: config.shutdown_timeout,
         },
+        listener_metrics,
         stop_rx.clone(),
     ));
     {
@@ -464,6 +487,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 })
                 .await
         }));
+    }
+    {
+        let (store, readiness, mut stop_rx) = (store.clone(), readiness.clone(), stop_rx.clone());
+        workers.push(tokio::spawn(nxcache_http::run_readiness_checks(
+            store,
+            readiness,
+            writable,
+            nxcache_http::READINESS_CHECK_EVERY,
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        )));
     }
     workers.extend(data.spawn_workers(
         nxcache_replication::WorkerConfig {

@@ -178,3 +178,154 @@ async fn each_credential_gets_exactly_its_documented_answer() {
                 .is_some_and(|p| p.starts_with("127.0.0.1:")))
     );
 }
+
+/// `nxcache serve` in `data_dir` with only `env` for its secrets (a lone node, fixed
+/// ports so that a restart is the same member).
+fn lone_node(
+    data_dir: &std::path::Path,
+    ports: (u16, u16),
+    env: &[(&str, &str)],
+) -> nxcache_tests::NodeProcess {
+    let listen = format!("127.0.0.1:{}", ports.0);
+    let grpc = format!("127.0.0.1:{}", ports.1);
+    nxcache_tests::NodeProcess::start(
+        data_dir,
+        &[
+            "--listen",
+            &listen,
+            "--grpc-listen",
+            &grpc,
+            "--advertise",
+            &grpc,
+        ],
+        env,
+    )
+}
+
+/// Waits until `token` gets `accepted` (a 404 for an absent key) or not (401).
+async fn wait_token(url: &str, token: &str, accepted: bool, what: &str) {
+    let target = format!("{url}/v1/cache/5550009");
+    let bearer = format!("Bearer {token}");
+    let expected = if accepted { 404 } else { 401 };
+    wait_until(Duration::from_secs(10), what, || {
+        let (target, bearer) = (target.clone(), bearer.clone());
+        async move { call("GET", &target, Some(&bearer)).await.0 == expected }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environment_is_the_source_of_truth_for_environment_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let ports = (nxcache_tests::free_port(), nxcache_tests::free_port());
+
+    // First start without tokens: a generated read-write token works.
+    let mut node = lone_node(&data, ports, &[]);
+    let generated = std::fs::read_to_string(data.join("generated-token")).unwrap();
+    let generated = generated.trim().to_owned();
+    wait_token(&node.url, &generated, true, "the generated token accepted").await;
+    node.terminate();
+
+    // Tokens configured: the generated token is revoked, the configured ones work.
+    let (a, b) = (
+        "env-token-a-0123456789abcdef",
+        "env-token-b-0123456789abcdef",
+    );
+    let both = format!("{a},{b}");
+    let start = |rw: &str| {
+        let env = [
+            ("NXCACHE_READ_WRITE_TOKENS", rw),
+            ("NXCACHE_ADMIN_TOKENS", ADMIN_TOKEN),
+        ];
+        lone_node(&data, ports, &env)
+    };
+    let mut node = start(&both);
+    wait_token(&node.url, a, true, "token a accepted").await;
+    wait_token(&node.url, b, true, "token b accepted").await;
+    wait_token(&node.url, &generated, false, "the generated token revoked").await;
+    node.terminate();
+
+    // b removed and a replaced by another value under the first position: both old
+    // values are refused at the next start, the new one works.
+    let c = "env-token-c-0123456789abcdef";
+    let mut node = start(c);
+    wait_token(&node.url, c, true, "token c accepted").await;
+    wait_token(&node.url, a, false, "token a revoked").await;
+    wait_token(&node.url, b, false, "token b revoked").await;
+    wait_token(&node.url, ADMIN_TOKEN, true, "the admin token kept").await;
+    // A token made through the admin API is not the environment's: it stays.
+    let (ok, out) = admin(
+        &node.url,
+        &[
+            "tokens", "create", "--scope", "read", "--name", "laptop", "--json",
+        ],
+    );
+    assert!(ok, "{out}");
+    let laptop: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let laptop = laptop["token"].as_str().unwrap().to_owned();
+    // Names of the environment's form are kept for it.
+    let (ok, out) = admin(
+        &node.url,
+        &[
+            "tokens",
+            "create",
+            "--scope",
+            "read",
+            "--name",
+            "read-write-7",
+        ],
+    );
+    assert!(!ok && out.contains("choose another name"), "{out}");
+    // Names say which list and which value, never the value.
+    let (ok, list) = admin(&node.url, &["tokens", "list", "--json"]);
+    assert!(ok, "{list}");
+    let expected =
+        nxcache_auth::env_token_name(nxcache_auth::Scope::ReadWrite, &nxcache_auth::Digest::of(c));
+    assert!(list.contains(&expected), "{list}");
+    assert!(!list.contains("generated") && !list.contains(c), "{list}");
+    node.terminate();
+
+    // Restarted with the same environment: everything stays as it was.
+    let node = start(c);
+    wait_token(&node.url, &laptop, true, "the admin-made token kept").await;
+    wait_token(&node.url, c, true, "token c still accepted").await;
+    wait_token(&node.url, a, false, "token a still revoked").await;
+}
+
+#[test]
+fn a_node_refuses_the_shipped_placeholders_and_short_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    for (variable, value) in [
+        ("NXCACHE_READ_WRITE_TOKENS", "change-me-read-write-token"),
+        ("NXCACHE_ADMIN_TOKENS", "short-token"),
+        (
+            "NXCACHE_CLUSTER_SECRET",
+            "change-me-to-a-long-random-cluster-secret",
+        ),
+    ] {
+        let out = std::process::Command::new(nxcache_tests::nxcache_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("NXCACHE_READ_WRITE_TOKENS")
+            .env_remove("NXCACHE_ADMIN_TOKENS")
+            .env_remove("NXCACHE_CLUSTER_SECRET")
+            .env(variable, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{variable}: started");
+        assert!(
+            stderr.contains(variable) && stderr.contains("openssl rand -hex 32"),
+            "{variable}: {stderr}"
+        );
+        assert!(!stderr.contains(value), "the value is not echoed: {stderr}");
+    }
+}

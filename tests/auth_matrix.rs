@@ -329,3 +329,123 @@ fn a_node_refuses_the_shipped_placeholders_and_short_tokens() {
         assert!(!stderr.contains(value), "the value is not echoed: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_throttled_per_address_without_holding_back_valid_tokens() {
+    let cluster = ProcessCluster::start(1);
+    let node = &cluster.nodes[0];
+    let url = format!("{}/v1/cache/5550020", node.url);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let wrong = "Bearer a-guessed-token-0000000000";
+    // The first failures are answered 401; then the address gets 429 with Retry-After.
+    let mut answers = Vec::new();
+    for _ in 0..60 {
+        let response = client
+            .get(&url)
+            .header("authorization", wrong)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        if status == 429 {
+            let retry: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&retry), "Retry-After {retry}");
+            assert_eq!(response.headers()["content-type"], "text/plain");
+            let text = response.text().await.unwrap();
+            assert!(text.contains("valid token"), "{text}");
+        }
+        answers.push(status);
+        // A valid token from the same address is answered as usual all along.
+        let valid = client
+            .get(&url)
+            .header("authorization", format!("Bearer {RW_TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(valid.status().as_u16(), 404);
+    }
+    let failed = answers.iter().filter(|s| **s == 401).count();
+    let throttled = answers.iter().filter(|s| **s == 429).count();
+    assert_eq!(failed + throttled, 60, "{answers:?}");
+    assert!(
+        (20..=30).contains(&failed) && answers[..20].iter().all(|s| *s == 401),
+        "{answers:?}"
+    );
+    // A request without any token is throttled too.
+    let bare = client.get(&url).send().await.unwrap();
+    assert_eq!(bare.status().as_u16(), 429);
+
+    let page = metrics_page(&node.url).await;
+    assert_eq!(
+        metric(&page, "nxcache_http_auth_failures_total"),
+        Some(failed as f64)
+    );
+    assert_eq!(
+        metric(&page, "nxcache_http_auth_throttled_total"),
+        Some(throttled as f64 + 1.0)
+    );
+    // The audit lines of the failures: the first 20 at once, then 5 a second; the ones
+    // left out are counted, so lines written and lines left out add up to the failures.
+    let audit = log_lines_of(&node.log, "auth.failed");
+    let written = audit.len() as f64;
+    let left_out = metric(
+        &page,
+        "nxcache_audit_lines_suppressed_total{source=\"http_auth\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(written >= 20.0, "{written}");
+    assert_eq!(written + left_out, failed as f64);
+    assert!(
+        audit.iter().all(|l| l["client"] == "127.0.0.1"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_inter_node_calls_writes_few_audit_lines() {
+    let cluster = ProcessCluster::start(1);
+    let node = &cluster.nodes[0];
+    let grpc = format!("http://127.0.0.1:{}", cluster.grpc_ports[0]);
+    let channel = tonic::transport::Endpoint::from_shared(grpc)
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let refused = MembershipClient::new(channel.clone())
+            .ping(PingRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+    let page = metrics_page(&node.url).await;
+    let left_out = metric(
+        &page,
+        "nxcache_audit_lines_suppressed_total{source=\"inter_node\"}",
+    )
+    .unwrap();
+    let lines = log_lines_of(&node.log, "inter_node.refused");
+    assert_eq!(lines.len() as f64 + left_out, 200.0);
+    assert!(left_out > 0.0, "a flood is cut down");
+    // The lines written after some were left out say how many.
+    let reported: u64 = lines.iter().filter_map(|l| l["suppressed"].as_u64()).sum();
+    assert!(reported <= left_out as u64);
+}
+
+/// The JSON log lines of `log` with `action`.
+fn log_lines_of(log: &std::path::Path, action: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["action"] == action)
+        .collect()
+}

@@ -22,6 +22,8 @@ pub struct HttpMetrics {
     pub(crate) misses: IntCounter,
     pub(crate) read_errors: IntCounter,
     pub(crate) remote_hits: IntCounter,
+    /// Failed authentication per client address, and its metrics.
+    pub(crate) auth_throttle: crate::AuthThrottle,
 }
 
 impl HttpMetrics {
@@ -91,6 +93,7 @@ impl HttpMetrics {
             misses,
             read_errors,
             remote_hits,
+            auth_throttle: crate::AuthThrottle::register(registry)?,
         })
     }
 }

@@ -347,11 +347,14 @@ impl MetaNode {
             }),
         };
         let grpc_metrics = GrpcServerMetrics::register(registry).map_err(|e| storage(&e))?;
+        let audit = nxcache_telemetry::AuditLimiter::register(registry, "inter_node")
+            .map_err(|e| storage(&e))?;
         node.spawn_server(
             listener,
             config.tls.as_ref(),
             config.peer_services,
             metrics.clone(),
+            audit,
             grpc_metrics,
         )?;
         node.spawn_metrics(metrics);
@@ -393,26 +396,31 @@ impl MetaNode {
         tls: Option<&PeerTls>,
         peer_services: Option<PeerServices>,
         metrics: MetaMetrics,
+        audit: nxcache_telemetry::AuditLimiter,
         grpc_metrics: GrpcServerMetrics,
     ) -> Result<(), MetaError> {
         let reject: Arc<RejectHook> = Arc::new(
             move |reason: &'static str, peer: Option<std::net::SocketAddr>| {
                 // In the audit trail: a misconfigured node, a node of another cluster, a
-                // node back with an empty disk, or someone probing the port.
-                tracing::warn!(
-                    target: "audit",
-                    action = "inter_node.refused",
-                    reason,
-                    peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-                    "refused an inter-node call: {}",
-                    match reason {
-                        "missing" | "wrong" => "bad cluster secret",
-                        "other_cluster" => "it comes from another cluster",
-                        "no_cluster_id" => "the caller belongs to no cluster",
-                        "incarnation" => "addressed to this node's previous data dir",
-                        _ => "refused by the service",
-                    }
-                );
+                // node back with an empty disk, or someone probing the port (rate-limited:
+                // a flood of calls cannot flood the log).
+                if let Some(suppressed) = audit.admit() {
+                    tracing::warn!(
+                        target: "audit",
+                        action = "inter_node.refused",
+                        reason,
+                        suppressed,
+                        peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                        "refused an inter-node call: {}",
+                        match reason {
+                            "missing" | "wrong" => "bad cluster secret",
+                            "other_cluster" => "it comes from another cluster",
+                            "no_cluster_id" => "the caller belongs to no cluster",
+                            "incarnation" => "addressed to this node's previous data dir",
+                            _ => "refused by the service",
+                        }
+                    );
+                }
                 metrics.rejected(reason);
             },
         );

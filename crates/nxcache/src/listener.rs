@@ -46,7 +46,7 @@ pub(crate) async fn serve(
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
             _ = stopped(&mut stop) => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -59,7 +59,12 @@ pub(crate) async fn serve(
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        // Requests know their client's address (failed logins are limited per address).
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(nxcache_http::ClientAddr(peer))),
+        );
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();

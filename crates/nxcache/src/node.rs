@@ -294,7 +294,7 @@ async fn settle_settings(
 /// Opens the store and starts serving. Returns once the listener is bound.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     let registry = nxcache_telemetry::new_registry();
-    std::fs::create_dir_all(&config.data_dir)
+    nxcache_store::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
     let store_config = StoreConfig {
         data_dir: config.data_dir.clone(),

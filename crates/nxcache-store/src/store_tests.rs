@@ -726,5 +726,5 @@ async fn the_data_dir_is_private_and_artifacts_are_readable_by_the_owner_only() 
     let layout = crate::layout::Layout::new(&dir);
     let path = layout.blob_path(&key("0123abcd"));
     assert_eq!(mode(&path), 0o600, "{}", path.display());
-    assert_eq!(mode(&path.parent().unwrap()), 0o700);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
 }

@@ -604,7 +604,14 @@ async fn the_admin_api_manages_tokens_and_reports_status() {
         .await
         .unwrap();
     assert!(
-        list.contains("\"laptop\"") && list.contains("\"read-write-1\""),
+        list.contains("\"laptop\"")
+            && list.contains(&format!(
+                "\"{}\"",
+                nxcache_auth::env_token_name(
+                    nxcache_auth::Scope::ReadWrite,
+                    &nxcache_auth::Digest::of(RW_TOKEN)
+                )
+            )),
         "{list}"
     );
     assert!(!list.contains(&secret) && !list.contains(RW_TOKEN));

@@ -734,10 +734,26 @@ impl ServeConfig {
                 "joining a cluster needs its secret: set NXCACHE_CLUSTER_SECRET to the value the other nodes use".into(),
             );
         }
-        if let Some(secret) = &c.secret
-            && secret.expose().len() < 16
-        {
-            return invalid("NXCACHE_CLUSTER_SECRET must be at least 16 characters".into());
+        for (variable, flag, list) in [
+            (
+                "NXCACHE_READ_WRITE_TOKENS",
+                "--read-write-tokens",
+                &self.read_write_tokens,
+            ),
+            (
+                "NXCACHE_READ_ONLY_TOKENS",
+                "--read-only-tokens",
+                &self.read_only_tokens,
+            ),
+            ("NXCACHE_ADMIN_TOKENS", "--admin-tokens", &self.admin_tokens),
+        ] {
+            for (i, token) in list.iter().enumerate() {
+                let which = format!("{variable} ({flag}): token {} of {}", i + 1, list.len());
+                check_secret(&which, token.expose())?;
+            }
+        }
+        if let Some(secret) = &c.secret {
+            check_secret("NXCACHE_CLUSTER_SECRET (--cluster-secret)", secret.expose())?;
         }
         if c.advertise
             .rsplit_once(':')
@@ -754,6 +770,34 @@ impl ServeConfig {
         }
         Ok(())
     }
+}
+
+/// The shortest token or cluster secret accepted.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Parts of the example values shipped in `.env.example` and
+/// `deploy/kubernetes/secret.yaml` (and of the usual stand-ins): a secret containing one
+/// is a placeholder someone forgot to replace, known to anyone who read the repository.
+const PLACEHOLDER_MARKS: &[&str] = &["change-me", "changeme", "replace-me", "placeholder"];
+
+/// Refuses a placeholder or a short secret; `which` names the variable (and the entry of
+/// a list) so the operator knows what to replace. The value itself is never shown.
+fn check_secret(which: &str, value: &str) -> Result<(), ConfigError> {
+    const HOW: &str =
+        "generate one with `openssl rand -hex 32` (or `nxcache admin tokens create` for tokens)";
+    let lower = value.to_ascii_lowercase();
+    if let Some(mark) = PLACEHOLDER_MARKS.iter().find(|m| lower.contains(*m)) {
+        return Err(ConfigError::Invalid(format!(
+            "{which} is a placeholder (it contains '{mark}', like the examples in .env.example and deploy/kubernetes/secret.yaml): replace it with a random value; {HOW}"
+        )));
+    }
+    if value.chars().count() < MIN_SECRET_LEN {
+        return Err(ConfigError::Invalid(format!(
+            "{which} is {} characters long; at least {MIN_SECRET_LEN} are needed: {HOW}",
+            value.chars().count()
+        )));
+    }
+    Ok(())
 }
 
 fn normalize_base_path(raw: &str) -> Result<String, ConfigError> {

@@ -352,6 +352,15 @@ pub(crate) async fn create_token(
             "A token name is 1 to 64 characters from A-Z, a-z, 0-9, '-', '_' and '.'.",
         ));
     }
+    if nxcache_auth::is_env_token_name(&request.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "The name {:?} is of the form the server gives the environment's tokens (read-write-N, read-only-N, admin-N, generated), which follow NXCACHE_*_TOKENS and are removed when they leave it: choose another name.",
+                request.name
+            ),
+        ));
+    }
     let scope = Scope::parse(&request.scope).ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -12,6 +12,7 @@ mod cache;
 mod error;
 mod metrics;
 mod ops;
+mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +32,7 @@ pub use admin::{
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
 pub use ops::{READINESS_CHECK_EVERY, check_disk, run_readiness_checks};
+pub use throttle::{AuthThrottle, ClientAddr};
 
 /// How the contract behaves; set from the server configuration.
 #[derive(Debug, Clone)]
@@ -239,6 +241,10 @@ pub fn router(state: ApiState) -> Router {
         // Uploads are bounded by --max-artifact-size against Content-Length, before
         // anything is read; the framework's generic limit would only get in the way.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            throttle::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

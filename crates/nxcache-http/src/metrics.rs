@@ -25,6 +25,8 @@ pub struct HttpMetrics {
     pub(crate) uploads_in_progress: IntGauge,
     pub(crate) uploads_cut: IntCounterVec,
     pub(crate) uploads_refused: IntCounterVec,
+    /// Failed authentication per client address, and its metrics.
+    pub(crate) auth_throttle: crate::AuthThrottle,
 }
 
 impl HttpMetrics {
@@ -118,6 +120,7 @@ impl HttpMetrics {
             uploads_in_progress,
             uploads_cut,
             uploads_refused,
+            auth_throttle: crate::AuthThrottle::register(registry)?,
         })
     }
 }

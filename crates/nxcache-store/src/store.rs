@@ -230,7 +230,7 @@ impl BlobStore {
     /// Opens the store in `config.data_dir` with a sled index. Blocking: call it before
     /// serving, or from a blocking thread.
     pub fn open(config: StoreConfig, registry: &prometheus::Registry) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        crate::create_private_dir(&config.data_dir)?;
         let layout = Layout::new(&config.data_dir);
         let index = SledIndex::open(&layout.index_dir())?;
         Self::open_with_index(config, Arc::new(index), registry)
@@ -245,9 +245,9 @@ impl BlobStore {
         let layout = Layout::new(&config.data_dir);
         // A brand-new store has nothing to reconcile.
         let fresh = !layout.blobs_dir().exists();
-        std::fs::create_dir_all(layout.tmp_dir())?;
+        crate::create_private_dir(&layout.tmp_dir())?;
         for shard in 0..=255u8 {
-            std::fs::create_dir_all(layout.shard_dir(shard))?;
+            crate::create_private_dir(&layout.shard_dir(shard))?;
         }
         let metrics = StoreMetrics::register(registry)
             .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;

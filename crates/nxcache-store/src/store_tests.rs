@@ -769,3 +769,23 @@ async fn evictions_are_remembered_and_requested_deletes_are_not_evictions() {
     let store = open(dir.path(), 25_000);
     assert_eq!(store.eviction_mark(&key("a")).unwrap(), Some(mark));
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_dir_is_private_and_artifacts_are_readable_by_the_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("nested").join("data");
+    let store = open(&dir, 1 << 20);
+    put(&store, "0123abcd", b"secret build output")
+        .await
+        .unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for created in [parent.path().join("nested"), dir.clone()] {
+        assert_eq!(mode(&created), 0o700, "{}", created.display());
+    }
+    let layout = crate::layout::Layout::new(&dir);
+    let path = layout.blob_path(&key("0123abcd"));
+    assert_eq!(mode(&path), 0o600, "{}", path.display());
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+}

@@ -226,11 +226,17 @@ fn write_chunks(file: &mut std::fs::File, chunks: &[Bytes]) -> std::io::Result<(
     Ok(())
 }
 
+/// A new artifact file, readable by the server's user only (0600 on Unix); the rename
+/// that commits it keeps the mode.
 fn create_temp(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 pub(crate) fn failure_reason(err: &StoreError) -> &'static str {

@@ -127,7 +127,7 @@ pub(crate) async fn serve(
     let tracker = Tracker::default();
     let (cut, cut_rx) = watch::channel(false);
     'accept: loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -156,7 +156,14 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let (id, shed) = tracker.open();
-        let service = tracked_service(router.clone(), tracker.clone(), id);
+        // Requests know their client's address (failed logins are limited per address).
+        let service = tracked_service(
+            router
+                .clone()
+                .layer(axum::Extension(nxcache_http::ClientAddr(peer))),
+            tracker.clone(),
+            id,
+        );
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();

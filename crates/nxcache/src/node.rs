@@ -8,7 +8,7 @@ use anyhow::Context;
 use http::StatusCode;
 use std::collections::BTreeMap;
 
-use nxcache_auth::{Digest, Scope, load_or_create_token};
+use nxcache_auth::{Digest, GENERATED_TOKEN_NAME, Scope, env_token_name, load_or_create_token};
 use nxcache_meta::{
     ClusterSettings, Faults, Formation, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord,
 };
@@ -98,7 +98,9 @@ impl RunningNode {
 }
 
 /// Tokens from the configuration, to be seeded into the cluster's table, and the token
-/// generated on a first start (when it was just created, to print it once).
+/// generated on a first start (when it was just created, to print it once). Configured
+/// tokens are the environment's whole set: the cluster's other environment tokens and
+/// its generated token are removed once they are seeded.
 fn seed_tokens(
     config: &ServeConfig,
 ) -> anyhow::Result<(BTreeMap<String, TokenRecord>, Option<String>)> {
@@ -110,13 +112,14 @@ fn seed_tokens(
         created_ms: now_ms(),
     };
     let mut seeds = BTreeMap::new();
-    for (list, scope, prefix) in [
-        (&config.read_write_tokens, Scope::ReadWrite, "read-write"),
-        (&config.read_only_tokens, Scope::Read, "read-only"),
-        (&config.admin_tokens, Scope::Admin, "admin"),
+    for (list, scope) in [
+        (&config.read_write_tokens, Scope::ReadWrite),
+        (&config.read_only_tokens, Scope::Read),
+        (&config.admin_tokens, Scope::Admin),
     ] {
-        for (i, t) in list.iter().enumerate() {
-            seeds.insert(format!("{prefix}-{}", i + 1), record(t.expose(), scope));
+        for t in list {
+            let name = env_token_name(scope, &Digest::of(t.expose()));
+            seeds.insert(name, record(t.expose(), scope));
         }
     }
     if !seeds.is_empty() || config.cluster.formation != nxcache_config::Formation::Found {
@@ -128,7 +131,10 @@ fn seed_tokens(
     let path = config.data_dir.join(GENERATED_TOKEN_FILE);
     let (token, created) = load_or_create_token(&path)
         .with_context(|| format!("cannot create or read the token file {}", path.display()))?;
-    seeds.insert("generated".into(), record(&token, Scope::ReadWrite));
+    seeds.insert(
+        GENERATED_TOKEN_NAME.into(),
+        record(&token, Scope::ReadWrite),
+    );
     if created {
         Ok((seeds, Some(token)))
     } else {
@@ -138,6 +144,14 @@ fn seed_tokens(
         );
         Ok((seeds, None))
     }
+}
+
+/// Whether tokens are configured (the environment's lists are then the cluster's set of
+/// environment tokens).
+fn configured_tokens(config: &ServeConfig) -> bool {
+    !(config.read_write_tokens.is_empty()
+        && config.read_only_tokens.is_empty()
+        && config.admin_tokens.is_empty())
 }
 
 /// The configured cluster secret, or (for a node that starts a cluster alone) one
@@ -280,7 +294,7 @@ async fn settle_settings(
 /// Opens the store and starts serving. Returns once the listener is bound.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     let registry = nxcache_telemetry::new_registry();
-    std::fs::create_dir_all(&config.data_dir)
+    nxcache_store::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
     let store_config = StoreConfig {
         data_dir: config.data_dir.clone(),
@@ -357,6 +371,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 }
             },
             join: config.cluster.join.clone(),
+            prune_env_tokens: configured_tokens(&config),
             seed_tokens: seeds,
             timing: RaftTiming::default(),
             faults: Faults::default(),

@@ -12,8 +12,14 @@ pub const GRPC_PORT: u16 = 3001;
 /// The link proxy in front of the gRPC listener; the address a node advertises.
 pub const PROXY_PORT: u16 = 4001;
 
-/// Names the server gives the environment's tokens (README: "named `read-write-1`...").
-pub const RW_TOKEN_NAME: &str = "read-write-1";
+/// The name the server gives an environment read-write token: the list and the first 12
+/// hex digits of the value's BLAKE3 digest (README, "Tokens").
+pub fn rw_token_name(secret: &str) -> String {
+    format!(
+        "read-write-{}",
+        &blake3::hash(secret.as_bytes()).to_hex()[..12]
+    )
+}
 
 /// Secrets shared by every node of a run (made per run, never printed).
 #[derive(Debug, Clone)]

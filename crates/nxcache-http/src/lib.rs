@@ -1,6 +1,7 @@
 //! The public HTTP API of a node: the Nx "custom remote cache" contract
-//! (`PUT`/`GET`/`HEAD /v1/cache/{hash}`) and the admin API (`/admin/v1/...`) under a
-//! configurable base path, plus the operator endpoints `/healthz`, `/readyz`, `/metrics`.
+//! (`PUT`/`GET`/`HEAD /v1/cache/{hash}`), the Bazel, Gradle, ccache and Turborepo cache
+//! protocols ([`protocols`]) and the admin API (`/admin/v1/...`) under a configurable
+//! base path, plus the operator endpoints `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Handlers are thin: they check the token, the hash and the framing, then hand the body
 //! to the store as a stream. Every error becomes one [`ApiError`]: a status code and a
@@ -12,6 +13,7 @@ mod cache;
 mod error;
 mod metrics;
 mod ops;
+mod protocols;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +32,7 @@ pub use admin::{
 };
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
+pub use protocols::ProtocolMounts;
 
 /// How the contract behaves; set from the server configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ pub struct ApiConfig {
     pub put_success_status: StatusCode,
     /// An upload that sends nothing for this long is cut off (slow or stalled clients).
     pub body_idle_timeout: Duration,
+    /// Where the Bazel, Gradle, ccache and Turborepo APIs are served (below `base_path`).
+    pub protocols: ProtocolMounts,
 }
 
 /// Whether the node should receive traffic: false while it shuts down.
@@ -131,7 +136,8 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/admin/v1/tokens/{name}",
             axum::routing::delete(admin::revoke_token),
-        );
+        )
+        .merge(protocols::routes(&state.config.protocols));
     let base = state.config.base_path.clone();
     let app = Router::new()
         .route("/healthz", get(ops::healthz))

@@ -129,6 +129,7 @@ fn app_with_readiness(
             max_artifact_size: 1000,
             put_success_status: StatusCode::OK,
             body_idle_timeout: Duration::from_secs(5),
+            protocols: crate::ProtocolMounts::default(),
         }),
         metrics: HttpMetrics::register(&registry).unwrap(),
         registry,

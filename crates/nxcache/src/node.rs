@@ -423,6 +423,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             put_success_status: StatusCode::from_u16(config.put_success_status)
                 .expect("validated status"),
             body_idle_timeout: config.body_idle_timeout,
+            protocols: nxcache_http::ProtocolMounts {
+                bazel: config.bazel_path.clone(),
+                gradle: config.gradle_path.clone(),
+                ccache: config.ccache_path.clone(),
+                turbo: config.turborepo,
+            },
         }),
         metrics: HttpMetrics::register(&registry)?,
         registry,

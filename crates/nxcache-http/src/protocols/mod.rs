@@ -407,3 +407,35 @@ pub(crate) fn method_not_allowed(protocol: Protocol, allow: &'static str) -> Res
 pub(crate) fn segments(rest: &str) -> Vec<&str> {
     rest.split('/').filter(|s| !s.is_empty()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_auth(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    fn basic(user_password: &str) -> HeaderMap {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(user_password);
+        with_auth(&format!("Basic {encoded}"))
+    }
+
+    #[test]
+    fn the_token_is_a_bearer_or_a_basic_password() {
+        assert_eq!(token(&with_auth("Bearer abc")).as_deref(), Some("abc"));
+        assert_eq!(token(&with_auth("bearer  abc ")).as_deref(), Some("abc"));
+        assert_eq!(token(&basic("ci:abc")).as_deref(), Some("abc"));
+        // A token with ':' in it stays whole; a token as the user name is taken too.
+        assert_eq!(token(&basic("ci:a:b")).as_deref(), Some("a:b"));
+        assert_eq!(token(&basic("abc:")).as_deref(), Some("abc"));
+        for bad in ["Bearer ", "Basic !!!", "Digest abc", "abc"] {
+            assert_eq!(token(&with_auth(bad)), None, "{bad}");
+        }
+        assert_eq!(token(&basic("no-colon")), None);
+        assert_eq!(token(&basic(":")), None);
+        assert_eq!(token(&HeaderMap::new()), None);
+    }
+}

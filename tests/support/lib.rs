@@ -393,6 +393,16 @@ pub fn admin(server: &str, args: &[&str]) -> (bool, String) {
 }
 
 /// `nxcache admin status --json` of one node, parsed; None while it does not answer.
+/// Makes a token through the admin CLI (`tokens create --json` and `args`); its secret.
+pub fn create_token(server: &str, args: &[&str]) -> String {
+    let mut all = vec!["tokens", "create", "--json"];
+    all.extend_from_slice(args);
+    let (ok, out) = admin(server, &all);
+    assert!(ok, "{out}");
+    let created: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    created["token"].as_str().unwrap().to_owned()
+}
+
 pub fn admin_status(server: &str) -> Option<serde_json::Value> {
     let (ok, text) = admin(server, &["status", "--json"]);
     if !ok {

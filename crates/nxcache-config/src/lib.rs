@@ -67,6 +67,18 @@ pub struct ServeArgs {
     /// Evict artifacts not read or written for this long, e.g. 7d [default: never]
     #[arg(long, env = "NXCACHE_TTL", value_name = "DURATION")]
     pub ttl: Option<HumanDuration>,
+    /// Where the Bazel HTTP remote cache is served, below --base-path, or off [default: /bazel]
+    #[arg(long, env = "NXCACHE_BAZEL_PATH", value_name = "PATH|off")]
+    pub bazel_path: Option<String>,
+    /// Where the Gradle HTTP build cache is served, below --base-path, or off [default: /gradle]
+    #[arg(long, env = "NXCACHE_GRADLE_PATH", value_name = "PATH|off")]
+    pub gradle_path: Option<String>,
+    /// Where ccache's HTTP storage is served, below --base-path, or off [default: /ccache]
+    #[arg(long, env = "NXCACHE_CCACHE_PATH", value_name = "PATH|off")]
+    pub ccache_path: Option<String>,
+    /// Serve the Turborepo remote cache API at /v8/, below --base-path [default: on]
+    #[arg(long, env = "NXCACHE_TURBOREPO", value_name = "on|off")]
+    pub turborepo: Option<OnOff>,
     /// fsync each artifact before acknowledging it [default: on]
     #[arg(long, env = "NXCACHE_FSYNC", value_name = "on|off")]
     pub fsync: Option<OnOff>,
@@ -259,6 +271,10 @@ pub struct FileConfig {
     pub max_artifact_size: Option<ByteSize>,
     pub max_disk_usage: Option<ByteSize>,
     pub ttl: Option<HumanDuration>,
+    pub bazel_path: Option<String>,
+    pub gradle_path: Option<String>,
+    pub ccache_path: Option<String>,
+    pub turborepo: Option<OnOff>,
     pub fsync: Option<OnOff>,
     pub put_success_status: Option<u16>,
     pub log_format: Option<LogFormat>,
@@ -330,6 +346,11 @@ pub struct ServeConfig {
     pub max_artifact_size: u64,
     pub max_disk_usage: u64,
     pub ttl: Option<Duration>,
+    /// Mount points of the other protocols below `base_path` (`/bazel`; `None`: off).
+    pub bazel_path: Option<String>,
+    pub gradle_path: Option<String>,
+    pub ccache_path: Option<String>,
+    pub turborepo: bool,
     pub fsync: bool,
     pub put_success_status: u16,
     pub log_format: LogFormat,
@@ -505,6 +526,22 @@ impl ServeConfig {
                 .or(file.max_disk_usage)
                 .map_or(10 << 30, |b| b.0),
             ttl: args.ttl.or(file.ttl).map(|d| d.0),
+            bazel_path: mount_path(
+                "--bazel-path",
+                args.bazel_path.or(file.bazel_path),
+                "/bazel",
+            )?,
+            gradle_path: mount_path(
+                "--gradle-path",
+                args.gradle_path.or(file.gradle_path),
+                "/gradle",
+            )?,
+            ccache_path: mount_path(
+                "--ccache-path",
+                args.ccache_path.or(file.ccache_path),
+                "/ccache",
+            )?,
+            turborepo: args.turborepo.or(file.turborepo).unwrap_or(OnOff::On) == OnOff::On,
             fsync: args.fsync.or(file.fsync).unwrap_or(OnOff::On) == OnOff::On,
             put_success_status: args
                 .put_success_status
@@ -658,6 +695,22 @@ impl ServeConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mounts: Vec<&String> = [&self.bazel_path, &self.gradle_path, &self.ccache_path]
+            .into_iter()
+            .flatten()
+            .collect();
+        for (i, a) in mounts.iter().enumerate() {
+            for b in &mounts[i + 1..] {
+                let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+                if long.starts_with(short.as_str())
+                    && long[short.len()..].chars().next().is_none_or(|c| c == '/')
+                {
+                    return invalid(format!(
+                        "the protocol mount points {a} and {b} overlap: --bazel-path, --gradle-path and --ccache-path need distinct paths"
+                    ));
+                }
+            }
+        }
         if !matches!(self.put_success_status, 200 | 202) {
             return invalid(format!(
                 "--put-success-status must be 200 or 202, not {}",
@@ -798,6 +851,31 @@ fn check_secret(which: &str, value: &str) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+/// A protocol's mount point: `off`, or a path below the base path that no other route
+/// of the API takes.
+fn mount_path(
+    flag: &str,
+    raw: Option<String>,
+    default: &str,
+) -> Result<Option<String>, ConfigError> {
+    let raw = raw.unwrap_or_else(|| default.to_owned());
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let path = normalize_base_path(&raw).map_err(|_| {
+        ConfigError::Invalid(format!(
+            "{flag} must be off or look like {default}, not {raw:?}"
+        ))
+    })?;
+    let first = path.split('/').nth(1).unwrap_or_default();
+    if path.is_empty() || ["v1", "v8", "admin", "healthz", "readyz", "metrics"].contains(&first) {
+        return Err(ConfigError::Invalid(format!(
+            "{flag} {raw:?} would take the place of another route of the API; use a path of its own, such as {default}"
+        )));
+    }
+    Ok(Some(path))
 }
 
 fn normalize_base_path(raw: &str) -> Result<String, ConfigError> {

@@ -1,6 +1,7 @@
 //! The public HTTP API of a node: the Nx "custom remote cache" contract
-//! (`PUT`/`GET`/`HEAD /v1/cache/{hash}`) and the admin API (`/admin/v1/...`) under a
-//! configurable base path, plus the operator endpoints `/healthz`, `/readyz`, `/metrics`.
+//! (`PUT`/`GET`/`HEAD /v1/cache/{hash}`), the Bazel, Gradle, ccache and Turborepo cache
+//! protocols ([`protocols`]) and the admin API (`/admin/v1/...`) under a configurable
+//! base path, plus the operator endpoints `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Handlers are thin: they check the token, the hash and the framing, then hand the body
 //! to the store as a stream. Every error becomes one [`ApiError`]: a status code and a
@@ -12,6 +13,7 @@ mod cache;
 mod error;
 mod metrics;
 mod ops;
+mod protocols;
 mod throttle;
 
 use std::sync::Arc;
@@ -32,6 +34,7 @@ pub use admin::{
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
 pub use ops::{READINESS_CHECK_EVERY, check_disk, run_readiness_checks};
+pub use protocols::ProtocolMounts;
 pub use throttle::{AuthThrottle, ClientAddr};
 
 /// How the contract behaves; set from the server configuration.
@@ -48,6 +51,8 @@ pub struct ApiConfig {
     pub upload_pace: UploadPace,
     /// When set, `/metrics` answers only a request bearing this token.
     pub metrics_token: Option<nxcache_auth::Digest>,
+    /// Where the Bazel, Gradle, ccache and Turborepo APIs are served (below `base_path`).
+    pub protocols: ProtocolMounts,
 }
 
 /// Minimum pace of an upload: after `grace`, at least `min_rate` bytes per second on
@@ -225,7 +230,8 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/admin/v1/tokens/{name}",
             axum::routing::delete(admin::revoke_token),
-        );
+        )
+        .merge(protocols::routes(&state.config.protocols));
     let base = state.config.base_path.clone();
     let app = Router::new()
         .route("/healthz", get(ops::healthz))

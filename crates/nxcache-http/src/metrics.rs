@@ -9,6 +9,7 @@ use prometheus::{
 use tracing::Instrument;
 
 use crate::ApiState;
+use crate::protocols::Protocol;
 
 /// HTTP metrics. Labels are bounded: a route name, never a hash or a token.
 #[derive(Clone)]
@@ -16,7 +17,7 @@ pub struct HttpMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     in_flight: IntGauge,
-    pub(crate) received_bytes: IntCounter,
+    received_bytes: IntCounter,
     pub(crate) sent_bytes: IntCounter,
     pub(crate) hits: IntCounter,
     pub(crate) misses: IntCounter,
@@ -27,6 +28,11 @@ pub struct HttpMetrics {
     pub(crate) uploads_refused: IntCounterVec,
     /// Failed authentication per client address, and its metrics.
     pub(crate) auth_throttle: crate::AuthThrottle,
+    /// The same four, by protocol (`nx`, `bazel`, `gradle`, `ccache`, `turbo`).
+    protocol_hits: IntCounterVec,
+    protocol_misses: IntCounterVec,
+    protocol_received_bytes: IntCounterVec,
+    protocol_sent_bytes: IntCounterVec,
 }
 
 impl HttpMetrics {
@@ -107,6 +113,31 @@ impl HttpMetrics {
         registry.register(Box::new(sent_bytes.clone()))?;
         registry.register(Box::new(hits.clone()))?;
         registry.register(Box::new(misses.clone()))?;
+        let by_protocol = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let family = IntCounterVec::new(Opts::new(name, help), &["protocol"])?;
+            registry.register(Box::new(family.clone()))?;
+            // Every protocol's series exists from the start (rates need a zero).
+            for protocol in Protocol::ALL {
+                family.with_label_values(&[protocol.label()]);
+            }
+            Ok(family)
+        };
+        let protocol_hits = by_protocol(
+            "nxcache_protocol_hits_total",
+            "GET and HEAD requests that found their artifact, by client protocol.",
+        )?;
+        let protocol_misses = by_protocol(
+            "nxcache_protocol_misses_total",
+            "GET and HEAD requests that did not find their artifact, by client protocol.",
+        )?;
+        let protocol_received_bytes = by_protocol(
+            "nxcache_protocol_received_bytes_total",
+            "Artifact bytes received in upload bodies, by client protocol.",
+        )?;
+        let protocol_sent_bytes = by_protocol(
+            "nxcache_protocol_sent_bytes_total",
+            "Artifact bytes sent in download bodies, by client protocol.",
+        )?;
         Ok(HttpMetrics {
             requests,
             duration,
@@ -121,13 +152,53 @@ impl HttpMetrics {
             uploads_cut,
             uploads_refused,
             auth_throttle: crate::AuthThrottle::register(registry)?,
+            protocol_hits,
+            protocol_misses,
+            protocol_received_bytes,
+            protocol_sent_bytes,
         })
+    }
+
+    /// A hit; `remote`: answered from another member's store.
+    pub(crate) fn hit(&self, protocol: Protocol, remote: bool) {
+        self.hits.inc();
+        if remote {
+            self.remote_hits.inc();
+        }
+        self.protocol_hits
+            .with_label_values(&[protocol.label()])
+            .inc();
+    }
+
+    pub(crate) fn miss(&self, protocol: Protocol) {
+        self.misses.inc();
+        self.protocol_misses
+            .with_label_values(&[protocol.label()])
+            .inc();
+    }
+
+    pub(crate) fn received(&self, protocol: Protocol, bytes: u64) {
+        self.received_bytes.inc_by(bytes);
+        self.protocol_received_bytes
+            .with_label_values(&[protocol.label()])
+            .inc_by(bytes);
+    }
+
+    pub(crate) fn sent(&self, protocol: Protocol, bytes: u64) {
+        self.sent_bytes.inc_by(bytes);
+        self.protocol_sent_bytes
+            .with_label_values(&[protocol.label()])
+            .inc_by(bytes);
     }
 }
 
 fn route_label(path: Option<&MatchedPath>) -> &'static str {
     match path.map(|p| p.as_str()) {
         Some(p) if p.ends_with("/v1/cache/{hash}") => "cache",
+        Some(p) if p.contains("/v8/artifacts") => "turbo",
+        Some(p) if p.ends_with(Protocol::Bazel.capture()) => "bazel",
+        Some(p) if p.ends_with(Protocol::Gradle.capture()) => "gradle",
+        Some(p) if p.ends_with(Protocol::Ccache.capture()) => "ccache",
         Some(p) if p.contains("/admin/v1/") => "admin",
         Some("/healthz") => "healthz",
         Some("/readyz") => "readyz",

@@ -141,6 +141,7 @@ fn app_with(
             deadline: Duration::from_secs(600),
         },
         metrics_token: None,
+        protocols: crate::ProtocolMounts::default(),
     };
     let mut uploads = crate::UploadSlots::new(64, 32);
     adjust(&mut config, &mut uploads);

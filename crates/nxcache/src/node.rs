@@ -462,6 +462,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 .metrics_token
                 .as_ref()
                 .map(|t| nxcache_auth::Digest::of(t.expose())),
+            protocols: nxcache_http::ProtocolMounts {
+                bazel: config.bazel_path.clone(),
+                gradle: config.gradle_path.clone(),
+                ccache: config.ccache_path.clone(),
+                turbo: config.turborepo,
+            },
         }),
         metrics: HttpMetrics::register(&registry)?,
         registry: registry.clone(),

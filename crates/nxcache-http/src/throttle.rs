@@ -12,7 +12,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{StatusCode, header};
-use nxcache_auth::bearer_token;
 use nxcache_telemetry::{AuditLimiter, Bucket};
 use prometheus::{IntCounter, Registry};
 
@@ -130,13 +129,9 @@ pub(crate) async fn guard(State(state): State<ApiState>, request: Request, next:
         _ => false,
     };
     if !probe && let Some(retry) = throttle.blocked(addr, Instant::now()) {
-        let valid = bearer_token(
-            request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-        )
-        .is_ok_and(|token| state.auth.authenticate(token).is_some());
+        // Bearer (Nx, Turborepo) or Basic (Gradle, Bazel, ccache) credentials.
+        let valid = crate::protocols::presented_token(request.headers())
+            .is_some_and(|token| state.auth.authenticate(&token).is_some());
         if !valid {
             throttle.throttled.inc();
             return ApiError::new(
@@ -149,8 +144,12 @@ pub(crate) async fn guard(State(state): State<ApiState>, request: Request, next:
             .into_response();
         }
     }
+    // Only a credential that was presented and refused is a guess. A request without
+    // one is how Gradle and curl ask for the Basic challenge before they send theirs:
+    // counting those would lock out a build machine that does nothing wrong.
+    let presented = request.headers().contains_key(header::AUTHORIZATION);
     let response = next.run(request).await;
-    if response.status() == StatusCode::UNAUTHORIZED {
+    if response.status() == StatusCode::UNAUTHORIZED && presented {
         throttle.failures.inc();
         throttle.failed(addr, Instant::now());
         if let Some(suppressed) = throttle.audit.admit() {

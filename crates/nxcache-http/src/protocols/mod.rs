@@ -156,7 +156,7 @@ pub(crate) fn routes(mounts: &ProtocolMounts) -> axum::Router<ApiState> {
 /// The nxcache token a request carries: `Authorization: Bearer TOKEN`, or Basic
 /// credentials whose password is the token (the user name is free; a token given as the
 /// user name with an empty password is taken too).
-fn token(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn presented_token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, rest) = value.split_once(' ')?;
     let rest = rest.trim();
@@ -192,7 +192,7 @@ pub(crate) fn authorize(
     };
     let secret = match headers.get(header::AUTHORIZATION) {
         None => return Err(unauthorized("Missing credentials.")),
-        Some(_) => token(headers).ok_or_else(|| {
+        Some(_) => presented_token(headers).ok_or_else(|| {
             unauthorized(
                 "The Authorization header must be 'Basic' with an nxcache token as the password, or 'Bearer TOKEN'.",
             )

@@ -170,6 +170,10 @@ mod tests {
             return;
         }
         // A child that would outlive the test process unless the watchdog kills it.
+        #[expect(
+            clippy::zombie_processes,
+            reason = "never waited for: the watchdog ends this process and kills it"
+        )]
         let child = std::process::Command::new("sleep")
             .arg("600")
             // Not holding the test's output pipes open: the test below reads them to the end.

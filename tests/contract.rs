@@ -397,16 +397,17 @@ async fn a_client_dribbling_headers_is_disconnected() {
 }
 
 #[tokio::test]
-async fn a_full_budget_with_nothing_evictable_is_507() {
+async fn an_artifact_larger_than_the_whole_budget_is_413() {
     let node = Node::start_with(|c| {
         c.max_disk_usage = 1000;
         c.max_artifact_size = 5000;
     })
     .await;
+    // It can never fit: refused on its Content-Length, like one over --max-artifact-size.
     let (status, ctype, msg) = node.put("1", Some(RW_TOKEN), vec![0; 2000]).await;
     assert_eq!(
         (status, ctype.as_str()),
-        (StatusCode::INSUFFICIENT_STORAGE, "text/plain")
+        (StatusCode::PAYLOAD_TOO_LARGE, "text/plain")
     );
     assert!(msg.contains("--max-disk-usage"), "{msg}");
     assert_eq!(node.get("1", Some(RW_TOKEN)).await.0, StatusCode::NOT_FOUND);
@@ -603,7 +604,14 @@ async fn the_admin_api_manages_tokens_and_reports_status() {
         .await
         .unwrap();
     assert!(
-        list.contains("\"laptop\"") && list.contains("\"read-write-1\""),
+        list.contains("\"laptop\"")
+            && list.contains(&format!(
+                "\"{}\"",
+                nxcache_auth::env_token_name(
+                    nxcache_auth::Scope::ReadWrite,
+                    &nxcache_auth::Digest::of(RW_TOKEN)
+                )
+            )),
         "{list}"
     );
     assert!(!list.contains(&secret) && !list.contains(RW_TOKEN));

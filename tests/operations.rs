@@ -92,9 +92,6 @@ async fn drain_then_remove_moves_the_data_off_and_keeps_the_cluster_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: MetaNode::remove on the leader removing itself makes openraft 0.9 panic \
-            ('Only leader is allowed to call update_effective_membership()'): after \
-            RemoveVoters of itself it proposes RemoveNodes; Raft issue 12 (membership) owns the fix"]
 async fn removing_the_node_that_leads_keeps_the_cluster_whole() {
     drain_then_remove(Victim::Leader).await;
 }
@@ -452,4 +449,60 @@ async fn probe_exits_0_on_200_and_explains_anything_else() {
     assert!(!out.status.success(), "a closed port probed as healthy");
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains(&closed), "{message}");
+}
+
+/// What a node shows once its Raft core has stopped on an error (a storage failure, a
+/// panic; here the core is stopped under the running node): admin writes answer 503
+/// text/plain saying what to do, never 500; `/healthz` and `/readyz` answer 503;
+/// `nxcache_raft_core_up` is 0; its status names no leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_metadata_log_answers_503_and_reports_unhealthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = nxcache::start(nxcache_tests::test_config(dir.path()))
+        .await
+        .unwrap();
+    let url = node.base_url();
+    let http = http_client();
+    let create = |name: &'static str| {
+        http.post(format!("{url}/admin/v1/tokens"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({ "name": name, "scope": "read-write" }))
+            .send()
+    };
+    assert_eq!(create("before").await.unwrap().status(), 201);
+    let health = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    node.meta().raft().shutdown().await.unwrap();
+
+    let answer = create("after").await.unwrap();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(answer.headers()["content-type"], "text/plain");
+    let text = answer.text().await.unwrap();
+    assert!(
+        text.contains("metadata log has stopped") && text.contains("restarted"),
+        "{text}"
+    );
+    for probe in ["healthz", "readyz"] {
+        let answer = http.get(format!("{url}/{probe}")).send().await.unwrap();
+        assert_eq!(answer.status(), 503, "/{probe}");
+        let text = answer.text().await.unwrap();
+        assert!(text.contains("restart this node"), "/{probe}: {text}");
+    }
+    let page = metrics_page(&url).await;
+    assert_eq!(
+        nxcache_tests::metric(&page, "nxcache_raft_core_up"),
+        Some(0.0)
+    );
+    let status = http
+        .get(format!("{url}/admin/v1/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert!(status["leader_id"].is_null(), "{status}");
+    node.shutdown().await.unwrap();
 }

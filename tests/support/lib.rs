@@ -11,8 +11,8 @@ use nxcache_config::{FileConfig, ServeArgs, ServeConfig};
 
 pub mod nx;
 
-pub const RW_TOKEN: &str = "test-rw-token";
-pub const RO_TOKEN: &str = "test-ro-token";
+pub const RW_TOKEN: &str = "test-read-write-token-0001";
+pub const RO_TOKEN: &str = "test-read-only-token-0001";
 
 /// Base configuration of a test node: loopback, random port, fsync off (speed), the two
 /// test tokens, the given data dir.
@@ -305,7 +305,7 @@ impl Drop for NodeProcess {
 }
 
 pub const CLUSTER_SECRET: &str = "process-test-cluster-secret";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0001";
 
 /// A free TCP port on 127.0.0.1 for a node to bind later (see `nxcache_testkit`).
 pub use nxcache_testkit::free_port;

@@ -47,6 +47,7 @@ impl Member {
             formation,
             join,
             seed_tokens: BTreeMap::new(),
+            prune_env_tokens: false,
             timing: RaftTiming {
                 heartbeat: Duration::from_millis(50),
                 election_min: Duration::from_millis(300),

@@ -25,6 +25,8 @@ pub struct HttpMetrics {
     pub(crate) uploads_in_progress: IntGauge,
     pub(crate) uploads_cut: IntCounterVec,
     pub(crate) uploads_refused: IntCounterVec,
+    pub(crate) send_memory_waits: IntCounter,
+    pub(crate) send_memory_misses: IntCounter,
 }
 
 impl HttpMetrics {
@@ -98,6 +100,16 @@ impl HttpMetrics {
             &["reason"],
         )?;
         registry.register(Box::new(uploads_refused.clone()))?;
+        let send_memory_waits = IntCounter::new(
+            "nxcache_http_send_memory_waits_total",
+            "Downloads that waited for send memory (--max-send-memory taken by responses not yet sent).",
+        )?;
+        registry.register(Box::new(send_memory_waits.clone()))?;
+        let send_memory_misses = IntCounter::new(
+            "nxcache_http_send_memory_misses_total",
+            "Downloads answered as a miss after waiting 10 s for send memory.",
+        )?;
+        registry.register(Box::new(send_memory_misses.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -118,6 +130,8 @@ impl HttpMetrics {
             uploads_in_progress,
             uploads_cut,
             uploads_refused,
+            send_memory_waits,
+            send_memory_misses,
         })
     }
 }

@@ -383,7 +383,11 @@ pub(crate) async fn get_artifact(
         Ok(artifact) => artifact,
         Err(answer) => return Ok(answer),
     };
-    drop(state.send_memory.give_back(&mut memory, send_memory_of(&artifact)));
+    drop(
+        state
+            .send_memory
+            .give_back(&mut memory, send_memory_of(&artifact)),
+    );
     hit(&state, artifact.remote);
     state.metrics.sent_bytes.inc_by(artifact.size);
     let body = match artifact.body {

@@ -194,6 +194,52 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_first_byte_timeout(
     node.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_background_disk_check_and_probes_cost_no_disk_write() {
+    let (node, dir) = start(|_| {}).await;
+    let url = node.base_url();
+    let client = http_client();
+    let readyz = |client: reqwest::Client, url: String| async move {
+        let r = client.get(format!("{url}/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    // A flood of concurrent probes: all 200 (they used to race on one probe file).
+    let probes: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(readyz(client.clone(), url.clone())))
+        .collect();
+    for probe in probes {
+        let (status, body) = probe.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // The data directory stops taking writes (its scratch dir replaced by a file): the
+    // background check sees it, and /readyz says so.
+    let tmp = dir.path().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+    wait_until(Duration::from_secs(60), "/readyz answering 503", || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let (status, body) = readyz(client, url).await;
+            status == 503 && body.contains("does not accept writes")
+        }
+    })
+    .await;
+    let page = metrics_page(&url).await;
+    assert_eq!(metric_sum(&page, "nxcache_data_dir_writable", &[]), 0.0);
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "/readyz answering 200 again",
+        || {
+            let (client, url) = (client.clone(), url.clone());
+            async move { readyz(client, url).await.0 == 200 }
+        },
+    )
+    .await;
+    node.shutdown().await.unwrap();
+}
+
 /// Resident memory of a process, from /proc (KiB).
 fn rss_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

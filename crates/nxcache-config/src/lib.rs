@@ -153,6 +153,10 @@ pub struct ServeArgs {
     /// reading) closes the connection [default: 60s]
     #[arg(long, env = "NXCACHE_SEND_TIMEOUT", value_name = "DURATION")]
     pub send_timeout: Option<HumanDuration>,
+    /// Memory that responses held for clients may take in all; beyond it a download
+    /// waits for room (up to 10 s, then it is answered as a miss) [default: 256MiB]
+    #[arg(long, env = "NXCACHE_MAX_SEND_MEMORY", value_name = "SIZE")]
+    pub max_send_memory: Option<ByteSize>,
     /// Require `Authorization: Bearer <token>` on /metrics (any token works too: the
     /// server's read, read-write and admin tokens are also accepted) [default: /metrics
     /// is open]
@@ -294,6 +298,7 @@ pub struct FileConfig {
     pub upload_deadline: Option<HumanDuration>,
     pub first_byte_timeout: Option<HumanDuration>,
     pub send_timeout: Option<HumanDuration>,
+    pub max_send_memory: Option<ByteSize>,
     pub metrics_token: Option<Secret>,
     pub admin_tokens: Option<Vec<Secret>>,
     pub node_id: Option<u64>,
@@ -370,6 +375,7 @@ pub struct ServeConfig {
     pub upload_deadline: Duration,
     pub first_byte_timeout: Duration,
     pub send_timeout: Duration,
+    pub max_send_memory: u64,
     pub metrics_token: Option<Secret>,
     pub admin_tokens: Vec<Secret>,
     pub cluster: ClusterConfig,
@@ -600,6 +606,10 @@ impl ServeConfig {
                 .send_timeout
                 .or(file.send_timeout)
                 .map_or(Duration::from_secs(60), |d| d.0),
+            max_send_memory: args
+                .max_send_memory
+                .or(file.max_send_memory)
+                .map_or(256 << 20, |b| b.0),
             metrics_token: args.metrics_token.or(file.metrics_token),
             admin_tokens: tokens(args.admin_tokens.or(file.admin_tokens)),
             cluster: ClusterConfig {
@@ -728,6 +738,11 @@ impl ServeConfig {
         }
         if self.max_concurrent_uploads == 0 {
             return invalid("--max-concurrent-uploads must be at least 1".into());
+        }
+        if self.max_send_memory < 1 << 20 {
+            return invalid(
+                "--max-send-memory must be at least 1MiB (one artifact sent from memory)".into(),
+            );
         }
         if self.max_uploads_per_token == 0 {
             return invalid("--max-uploads-per-token must be at least 1".into());

@@ -362,3 +362,49 @@ fn protocol_mount_points_default_move_and_turn_off() {
         assert!(parse(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn defences_have_sane_defaults_and_refuse_nonsense() {
+    let c = ServeConfig::merge(ServeArgs::default(), FileConfig::default()).unwrap();
+    assert_eq!(c.upload_min_rate, 1024);
+    assert_eq!(c.upload_rate_grace, Duration::from_secs(10));
+    assert_eq!(c.upload_deadline, Duration::from_secs(15 * 60));
+    assert_eq!(
+        c.max_uploads_per_token, 256,
+        "half of --max-concurrent-uploads"
+    );
+    assert_eq!(c.first_byte_timeout, Duration::from_secs(10));
+    assert_eq!(c.send_timeout, Duration::from_secs(60));
+    assert_eq!(c.max_send_memory, 256 << 20);
+    assert!(c.metrics_token.is_none());
+    let c = ServeConfig::merge(
+        args(&[
+            "--max-concurrent-uploads",
+            "10",
+            "--upload-min-rate",
+            "0",
+            "--metrics-token",
+            "a-scrape-token-for-prometheus",
+        ]),
+        FileConfig::default(),
+    )
+    .unwrap();
+    assert_eq!((c.max_uploads_per_token, c.upload_min_rate), (5, 0));
+    assert!(c.metrics_token.is_some());
+    for (bad, named) in [
+        (
+            &["--max-uploads-per-token", "0"][..],
+            "--max-uploads-per-token",
+        ),
+        (&["--upload-deadline", "0s"][..], "--upload-deadline"),
+        (&["--first-byte-timeout", "0s"][..], "--first-byte-timeout"),
+        (&["--send-timeout", "0s"][..], "--send-timeout"),
+        (&["--max-send-memory", "1000"][..], "--max-send-memory"),
+        (&["--metrics-token", " "][..], "--metrics-token"),
+    ] {
+        let err = ServeConfig::merge(args(bad), FileConfig::default())
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(err.to_string().contains(named), "{err}");
+    }
+}

@@ -6,8 +6,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::BodyExt;
 use nxcache_auth::{Access, AuthError, Principal, bearer_token};
-use nxcache_replication::{ArtifactBody, GetError, PutError};
+use nxcache_replication::{Artifact, ArtifactBody, GetError, PutError};
 use nxcache_store::BlobKey;
 
 use std::time::{Duration, Instant};
@@ -436,33 +437,111 @@ pub(crate) async fn get_artifact(
 ) -> Result<Response, ApiError> {
     let principal = authorize(&state, &headers, Access::Read)?;
     let key = parse_key(path)?;
-    // Its own namespace first, then those it may read from, in order.
+    // The response holds its share of the send memory until it is sent (or its client
+    // is cut). The largest share is taken before the artifact is read, so that reads
+    // waiting for room hold nothing; what the body does not need is given back.
+    let mut memory = match state.send_memory.try_take(MAX_SEND_SHARE) {
+        Some(memory) => memory,
+        None => {
+            state.metrics.send_memory_waits.inc();
+            let waited =
+                tokio::time::timeout(SEND_MEMORY_WAIT, state.send_memory.take(MAX_SEND_SHARE));
+            let Ok(memory) = waited.await else {
+                tracing::warn!(key = %key, "no send memory free for a download (clients not reading?); answering as a miss");
+                state.metrics.send_memory_misses.inc();
+                return Ok(miss(&state, &key));
+            };
+            memory
+        }
+    };
+    let artifact = match find_artifact(&state, &principal, &key).await? {
+        Ok(artifact) => artifact,
+        Err(answer) => return Ok(answer),
+    };
+    drop(
+        state
+            .send_memory
+            .give_back(&mut memory, send_memory_of(&artifact)),
+    );
+    hit(&state, artifact.remote);
+    state.metrics.sent(Protocol::Nx, artifact.size);
+    let body = match artifact.body {
+        ArtifactBody::Verified(bytes) => Body::from_stream(in_copied_chunks(bytes)),
+        ArtifactBody::Stream(stream) => Body::from_stream(stream),
+    };
+    // Dropped with the body: once it is sent, or the connection is gone.
+    let body = Body::new(body.map_frame(move |frame| {
+        let _memory = &memory;
+        frame
+    }));
+    Ok(artifact_response(body, artifact.size))
+}
+
+/// Size of the pieces an artifact held in memory is sent in.
+const SEND_CHUNK: usize = 64 * 1024;
+
+/// `bytes` as a stream of copied pieces. The connection takes a piece only when it has
+/// written most of the last one, so the artifact stays with the body (and its send
+/// memory) until its end is reached: a client that stops reading holds the body, never a
+/// whole artifact queued on the connection after its send memory was given back.
+fn in_copied_chunks(
+    bytes: bytes::Bytes,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> {
+    futures_util::stream::unfold((bytes, 0usize), |(bytes, at)| async move {
+        if at >= bytes.len() {
+            return None;
+        }
+        let end = (at + SEND_CHUNK).min(bytes.len());
+        let piece = bytes::Bytes::copy_from_slice(&bytes[at..end]);
+        Some((Ok(piece), (bytes, end)))
+    })
+}
+
+/// The send memory a download holds at most: an artifact held whole (those up to 1 MiB
+/// are read and verified before sending) or a streamed one's chunks.
+const MAX_SEND_SHARE: u64 = 1024 * 1024;
+
+/// How long a download waits for send memory before it is answered as a miss.
+const SEND_MEMORY_WAIT: Duration = Duration::from_secs(10);
+
+/// What a streamed body holds at most while it is sent: a read-ahead chunk, the chunk
+/// held back for verification and the one queued on the connection.
+const STREAMED_BODY_MEMORY: u64 = 768 * 1024;
+
+fn send_memory_of(artifact: &Artifact) -> u64 {
+    let held = match &artifact.body {
+        ArtifactBody::Verified(bytes) => bytes.len() as u64,
+        ArtifactBody::Stream(_) => STREAMED_BODY_MEMORY.min(artifact.size),
+    };
+    held.min(MAX_SEND_SHARE)
+}
+
+/// The artifact `key` as `principal` sees it (its own namespace first, then those it may
+/// read from), or the answer when there is none.
+async fn find_artifact(
+    state: &ApiState,
+    principal: &Principal,
+    key: &BlobKey,
+) -> Result<Result<Artifact, Response>, ApiError> {
     let mut found = Ok(None);
     for namespace in principal.read_namespaces() {
-        found = state.data.get(&namespaced(namespace, &key)?).await;
+        found = state.data.get(&namespaced(namespace, key)?).await;
         if !matches!(found, Ok(None)) {
             break;
         }
     }
-    let artifact = match found {
-        Ok(Some(artifact)) => artifact,
-        Ok(None) => return Ok(miss(&state, &key)),
-        Err(GetError::Unavailable(why)) => return Err(unavailable("answer for", why)),
+    match found {
+        Ok(Some(artifact)) => Ok(Ok(artifact)),
+        Ok(None) => Ok(Err(miss(state, key))),
+        Err(GetError::Unavailable(why)) => Err(unavailable("answer for", why)),
         // Nx stops the whole run on any answer but 200 or 404, while a miss only costs
         // a rebuild: a read failure is logged, counted and answered as a miss.
         Err(GetError::Store(err)) => {
             tracing::error!(%err, key = %key, "reading an artifact failed; answering as a miss");
             state.metrics.read_errors.inc();
-            return Ok(miss(&state, &key));
+            Ok(Err(miss(state, key)))
         }
-    };
-    hit(&state, artifact.remote);
-    state.metrics.sent(Protocol::Nx, artifact.size);
-    let body = match artifact.body {
-        ArtifactBody::Verified(bytes) => Body::from(bytes),
-        ArtifactBody::Stream(stream) => Body::from_stream(stream),
-    };
-    Ok(artifact_response(body, artifact.size))
+    }
 }
 
 pub(crate) async fn head_artifact(

@@ -118,6 +118,61 @@ pub struct ApiState {
     pub readiness: Readiness,
     /// Uploads taken at once; beyond them a PUT gets 503 with Retry-After.
     pub uploads: UploadSlots,
+    /// Memory of responses being sent.
+    pub send_memory: SendMemory,
+}
+
+/// The memory that responses being sent may hold in all: each download holds its share
+/// until its body is sent or dropped, so clients that never read (their connections
+/// closed by the send timeout) cannot make the node hold an unbounded amount.
+#[derive(Clone)]
+pub struct SendMemory {
+    kib: Arc<tokio::sync::Semaphore>,
+    limit_kib: u32,
+}
+
+impl SendMemory {
+    pub fn new(bytes: u64) -> Self {
+        let limit_kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX >> 4).max(1);
+        SendMemory {
+            kib: Arc::new(tokio::sync::Semaphore::new(limit_kib as usize)),
+            limit_kib,
+        }
+    }
+
+    /// The share of `bytes` (capped at the whole budget), if free now.
+    pub(crate) fn try_take(&self, bytes: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.kib
+            .clone()
+            .try_acquire_many_owned(self.share(bytes))
+            .ok()
+    }
+
+    /// Gives back what `held` holds beyond the share of `bytes` (returned, to drop).
+    pub(crate) fn give_back(
+        &self,
+        held: &mut tokio::sync::OwnedSemaphorePermit,
+        bytes: u64,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let keep = self.share(bytes) as usize;
+        let extra = held.num_permits().saturating_sub(keep);
+        held.split(extra)
+    }
+
+    /// The share of `bytes`, waiting for it.
+    pub(crate) async fn take(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        self.kib
+            .clone()
+            .acquire_many_owned(self.share(bytes))
+            .await
+            .expect("never closed")
+    }
+
+    fn share(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.limit_kib)
+    }
 }
 
 /// The uploads a node takes at once: each holds a body stream, a file and replica

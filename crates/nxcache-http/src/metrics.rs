@@ -33,6 +33,8 @@ pub struct HttpMetrics {
     protocol_misses: IntCounterVec,
     protocol_received_bytes: IntCounterVec,
     protocol_sent_bytes: IntCounterVec,
+    pub(crate) send_memory_waits: IntCounter,
+    pub(crate) send_memory_misses: IntCounter,
 }
 
 impl HttpMetrics {
@@ -106,6 +108,16 @@ impl HttpMetrics {
             &["reason"],
         )?;
         registry.register(Box::new(uploads_refused.clone()))?;
+        let send_memory_waits = IntCounter::new(
+            "nxcache_http_send_memory_waits_total",
+            "Downloads that waited for send memory (--max-send-memory taken by responses not yet sent).",
+        )?;
+        registry.register(Box::new(send_memory_waits.clone()))?;
+        let send_memory_misses = IntCounter::new(
+            "nxcache_http_send_memory_misses_total",
+            "Downloads answered as a miss after waiting 10 s for send memory.",
+        )?;
+        registry.register(Box::new(send_memory_misses.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -156,6 +168,8 @@ impl HttpMetrics {
             protocol_misses,
             protocol_received_bytes,
             protocol_sent_bytes,
+            send_memory_waits,
+            send_memory_misses,
         })
     }
 

@@ -154,6 +154,7 @@ fn app_with(
         registry,
         readiness,
         uploads,
+        send_memory: crate::SendMemory::new(64 << 20),
     })
 }
 

@@ -476,6 +476,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             config.max_concurrent_uploads,
             config.max_uploads_per_token,
         ),
+        send_memory: nxcache_http::SendMemory::new(config.max_send_memory),
     };
     let router = nxcache_http::router(state);
     let listener_metrics = crate::listener::ListenerMetrics::register(&registry)?;

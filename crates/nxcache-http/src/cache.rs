@@ -131,7 +131,7 @@ pub(crate) async fn put_artifact(
         key,
         len,
         name: &hash,
-        protocol: Protocol::Nx,
+        metered: Some(Protocol::Nx),
         sha256: None,
     };
     if store_body(&state, upload, body).await? == Stored::Existing {
@@ -148,7 +148,9 @@ pub(crate) struct Upload<'a> {
     pub len: u64,
     /// How the client names it, for messages.
     pub name: &'a str,
-    pub protocol: Protocol,
+    /// The protocol whose received bytes it counts in; `None` for what is not an
+    /// artifact body (Turborepo's stored headers).
+    pub metered: Option<Protocol>,
     /// The SHA-256 the body must have (content-addressed uploads); refused otherwise.
     pub sha256: Option<[u8; 32]>,
 }
@@ -172,7 +174,7 @@ pub(crate) async fn store_body(
         key,
         len,
         name: hash,
-        protocol,
+        metered,
         sha256,
     } = upload;
     let mut digest = sha256.map(|_| ring::digest::Context::new(&ring::digest::SHA256));
@@ -234,7 +236,9 @@ pub(crate) async fn store_body(
             digest.update(&chunk);
         }
         writer.write(chunk).await.map_err(|e| put_error(e, hash))?;
-        state.metrics.received(protocol, received);
+        if let Some(protocol) = metered {
+            state.metrics.received(protocol, received);
+        }
     }
     if writer.written() != len {
         // The body ended early (the connection layer normally catches this first).

@@ -335,7 +335,7 @@ pub(crate) async fn put(
         key,
         len,
         name: hash,
-        protocol,
+        metered: Some(protocol),
         sha256,
     };
     let stored = store_body(state, upload, body).instrument(span).await?;

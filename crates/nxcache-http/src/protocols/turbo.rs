@@ -255,7 +255,7 @@ pub(crate) async fn put(
             key: key_in(META_SPACE, namespace, &hash)?,
             len: json.len() as u64,
             name: &hash,
-            protocol: TURBO,
+            metered: None,
             sha256: None,
         };
         store_body(&state, upload, Body::from(json)).await?;

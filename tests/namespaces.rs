@@ -6,7 +6,7 @@
 use nxcache_tests::{InProcessCluster, RW_TOKEN, admin, create_token as create};
 
 async fn put(url: &str, token: &str, hash: &str, body: &[u8]) -> u16 {
-    reqwest::Client::new()
+    nxcache_tests::http_client()
         .put(format!("{url}/v1/cache/{hash}"))
         .bearer_auth(token)
         .body(body.to_vec())
@@ -18,7 +18,7 @@ async fn put(url: &str, token: &str, hash: &str, body: &[u8]) -> u16 {
 }
 
 async fn get(url: &str, token: &str, hash: &str) -> (u16, Vec<u8>) {
-    let response = reqwest::Client::new()
+    let response = nxcache_tests::http_client()
         .get(format!("{url}/v1/cache/{hash}"))
         .bearer_auth(token)
         .send()

@@ -38,7 +38,7 @@ wait_http() { for _ in $(seq 200); do "$bin" probe "$1" >/dev/null 2>&1 && retur
 
 bench() { # $1 label, $2 url, $3 size, $4 concurrency, $5 count, $6 get rounds
   local json
-  json=$("$bin" bench --url "$2" --token bench --size "$3" --concurrency "$4" --count "$5" --get-rounds "$6" --json)
+  json=$("$bin" bench --url "$2" --token bench-token-0123456789 --size "$3" --concurrency "$4" --count "$5" --get-rounds "$6" --json)
   echo "{\"label\":\"$1\",\"report\":$json}" | tee -a "$out" >/dev/null
   echo "$json" | python3 -c "import json,sys; r=json.load(sys.stdin); print(f\"  {'$1':<22} PUT {r['put']['requests_per_second']:8.1f}/s  GET {r['get']['requests_per_second']:8.1f}/s  GET p50 {r['get']['p50_ms']:.3f} ms p99 {r['get']['p99_ms']:.3f} ms\")"
 }

@@ -130,6 +130,39 @@ pub struct ServeArgs {
     /// Uploads taken at once; further PUTs get 503 with Retry-After [default: 512]
     #[arg(long, env = "NXCACHE_MAX_CONCURRENT_UPLOADS", value_name = "N")]
     pub max_concurrent_uploads: Option<usize>,
+    /// Uploads one token may have in progress at once; further PUTs with it get 429 with
+    /// Retry-After [default: half of --max-concurrent-uploads]
+    #[arg(long, env = "NXCACHE_MAX_UPLOADS_PER_TOKEN", value_name = "N")]
+    pub max_uploads_per_token: Option<usize>,
+    /// Slowest average upload rate accepted once --upload-rate-grace has passed, per
+    /// second; slower uploads are cut with 408. 0 turns the check off [default: 1KiB]
+    #[arg(long, env = "NXCACHE_UPLOAD_MIN_RATE", value_name = "BYTES")]
+    pub upload_min_rate: Option<ByteSize>,
+    /// How long an upload may run before --upload-min-rate applies [default: 10s]
+    #[arg(long, env = "NXCACHE_UPLOAD_RATE_GRACE", value_name = "DURATION")]
+    pub upload_rate_grace: Option<HumanDuration>,
+    /// Longest time an upload may take, whatever its pace; it is then cut with 408
+    /// [default: 15m]
+    #[arg(long, env = "NXCACHE_UPLOAD_DEADLINE", value_name = "DURATION")]
+    pub upload_deadline: Option<HumanDuration>,
+    /// A new connection must send the first byte of a request within this time, or it is
+    /// closed [default: 10s]
+    #[arg(long, env = "NXCACHE_FIRST_BYTE_TIMEOUT", value_name = "DURATION")]
+    pub first_byte_timeout: Option<HumanDuration>,
+    /// A response write that makes no progress for this long (a client that stopped
+    /// reading) closes the connection [default: 60s]
+    #[arg(long, env = "NXCACHE_SEND_TIMEOUT", value_name = "DURATION")]
+    pub send_timeout: Option<HumanDuration>,
+    /// Require `Authorization: Bearer <token>` on /metrics (any token works too: the
+    /// server's read, read-write and admin tokens are also accepted) [default: /metrics
+    /// is open]
+    #[arg(
+        long,
+        env = "NXCACHE_METRICS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub metrics_token: Option<Secret>,
     /// Comma-separated tokens with the admin scope (admin API and `nxcache admin`).
     #[arg(
         long,
@@ -255,6 +288,13 @@ pub struct FileConfig {
     pub header_timeout: Option<HumanDuration>,
     pub body_idle_timeout: Option<HumanDuration>,
     pub max_concurrent_uploads: Option<usize>,
+    pub max_uploads_per_token: Option<usize>,
+    pub upload_min_rate: Option<ByteSize>,
+    pub upload_rate_grace: Option<HumanDuration>,
+    pub upload_deadline: Option<HumanDuration>,
+    pub first_byte_timeout: Option<HumanDuration>,
+    pub send_timeout: Option<HumanDuration>,
+    pub metrics_token: Option<Secret>,
     pub admin_tokens: Option<Vec<Secret>>,
     pub node_id: Option<u64>,
     pub grpc_listen: Option<SocketAddr>,
@@ -323,6 +363,14 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub max_concurrent_uploads: usize,
+    pub max_uploads_per_token: usize,
+    /// Bytes per second; 0: no minimum.
+    pub upload_min_rate: u64,
+    pub upload_rate_grace: Duration,
+    pub upload_deadline: Duration,
+    pub first_byte_timeout: Duration,
+    pub send_timeout: Duration,
+    pub metrics_token: Option<Secret>,
     pub admin_tokens: Vec<Secret>,
     pub cluster: ClusterConfig,
 }
@@ -455,6 +503,10 @@ impl ServeConfig {
                 .map(|t| Secret::new(t.expose().trim()))
                 .collect()
         };
+        let max_concurrent_uploads = args
+            .max_concurrent_uploads
+            .or(file.max_concurrent_uploads)
+            .unwrap_or(512);
         let config = ServeConfig {
             listen: args
                 .listen
@@ -523,10 +575,32 @@ impl ServeConfig {
                 .body_idle_timeout
                 .or(file.body_idle_timeout)
                 .map_or(Duration::from_secs(60), |d| d.0),
-            max_concurrent_uploads: args
-                .max_concurrent_uploads
-                .or(file.max_concurrent_uploads)
-                .unwrap_or(512),
+            max_concurrent_uploads,
+            max_uploads_per_token: args
+                .max_uploads_per_token
+                .or(file.max_uploads_per_token)
+                .unwrap_or((max_concurrent_uploads / 2).max(1)),
+            upload_min_rate: args
+                .upload_min_rate
+                .or(file.upload_min_rate)
+                .map_or(1024, |b| b.0),
+            upload_rate_grace: args
+                .upload_rate_grace
+                .or(file.upload_rate_grace)
+                .map_or(Duration::from_secs(10), |d| d.0),
+            upload_deadline: args
+                .upload_deadline
+                .or(file.upload_deadline)
+                .map_or(Duration::from_secs(15 * 60), |d| d.0),
+            first_byte_timeout: args
+                .first_byte_timeout
+                .or(file.first_byte_timeout)
+                .map_or(Duration::from_secs(10), |d| d.0),
+            send_timeout: args
+                .send_timeout
+                .or(file.send_timeout)
+                .map_or(Duration::from_secs(60), |d| d.0),
+            metrics_token: args.metrics_token.or(file.metrics_token),
             admin_tokens: tokens(args.admin_tokens.or(file.admin_tokens)),
             cluster: ClusterConfig {
                 node_id: 0,
@@ -655,9 +729,24 @@ impl ServeConfig {
         if self.max_concurrent_uploads == 0 {
             return invalid("--max-concurrent-uploads must be at least 1".into());
         }
+        if self.max_uploads_per_token == 0 {
+            return invalid("--max-uploads-per-token must be at least 1".into());
+        }
+        if self
+            .metrics_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
+            return invalid(
+                "--metrics-token (NXCACHE_METRICS_TOKEN) is empty: set a secret, or unset it to leave /metrics open".into(),
+            );
+        }
         for (name, d) in [
             ("--header-timeout", self.header_timeout),
             ("--body-idle-timeout", self.body_idle_timeout),
+            ("--upload-deadline", self.upload_deadline),
+            ("--first-byte-timeout", self.first_byte_timeout),
+            ("--send-timeout", self.send_timeout),
         ] {
             if d.is_zero() {
                 return invalid(format!("{name} must be longer than 0s"));
@@ -698,10 +787,26 @@ impl ServeConfig {
                 "joining a cluster needs its secret: set NXCACHE_CLUSTER_SECRET to the value the other nodes use".into(),
             );
         }
-        if let Some(secret) = &c.secret
-            && secret.expose().len() < 16
-        {
-            return invalid("NXCACHE_CLUSTER_SECRET must be at least 16 characters".into());
+        for (variable, flag, list) in [
+            (
+                "NXCACHE_READ_WRITE_TOKENS",
+                "--read-write-tokens",
+                &self.read_write_tokens,
+            ),
+            (
+                "NXCACHE_READ_ONLY_TOKENS",
+                "--read-only-tokens",
+                &self.read_only_tokens,
+            ),
+            ("NXCACHE_ADMIN_TOKENS", "--admin-tokens", &self.admin_tokens),
+        ] {
+            for (i, token) in list.iter().enumerate() {
+                let which = format!("{variable} ({flag}): token {} of {}", i + 1, list.len());
+                check_secret(&which, token.expose())?;
+            }
+        }
+        if let Some(secret) = &c.secret {
+            check_secret("NXCACHE_CLUSTER_SECRET (--cluster-secret)", secret.expose())?;
         }
         if c.advertise
             .rsplit_once(':')
@@ -743,6 +848,34 @@ fn mount_path(
         )));
     }
     Ok(Some(path))
+}
+
+/// The shortest token or cluster secret accepted.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Parts of the example values shipped in `.env.example` and
+/// `deploy/kubernetes/secret.yaml` (and of the usual stand-ins): a secret containing one
+/// is a placeholder someone forgot to replace, known to anyone who read the repository.
+const PLACEHOLDER_MARKS: &[&str] = &["change-me", "changeme", "replace-me", "placeholder"];
+
+/// Refuses a placeholder or a short secret; `which` names the variable (and the entry of
+/// a list) so the operator knows what to replace. The value itself is never shown.
+fn check_secret(which: &str, value: &str) -> Result<(), ConfigError> {
+    const HOW: &str =
+        "generate one with `openssl rand -hex 32` (or `nxcache admin tokens create` for tokens)";
+    let lower = value.to_ascii_lowercase();
+    if let Some(mark) = PLACEHOLDER_MARKS.iter().find(|m| lower.contains(*m)) {
+        return Err(ConfigError::Invalid(format!(
+            "{which} is a placeholder (it contains '{mark}', like the examples in .env.example and deploy/kubernetes/secret.yaml): replace it with a random value; {HOW}"
+        )));
+    }
+    if value.chars().count() < MIN_SECRET_LEN {
+        return Err(ConfigError::Invalid(format!(
+            "{which} is {} characters long; at least {MIN_SECRET_LEN} are needed: {HOW}",
+            value.chars().count()
+        )));
+    }
+    Ok(())
 }
 
 fn normalize_base_path(raw: &str) -> Result<String, ConfigError> {

@@ -10,9 +10,11 @@ use nxcache_auth::{Access, AuthError, Principal, bearer_token};
 use nxcache_replication::{ArtifactBody, GetError, PutError};
 use nxcache_store::BlobKey;
 
-use crate::ApiState;
+use std::time::{Duration, Instant};
+
 use crate::error::ApiError;
 use crate::protocols::Protocol;
+use crate::{ApiState, SlotRefusal, UploadPace, UploadSlot};
 
 /// Bodies up to this size are read (and dropped) before an upload is refused.
 const DRAIN_BEFORE_REFUSING_MAX: u64 = 64 * 1024 * 1024;
@@ -134,7 +136,7 @@ pub(crate) async fn put_artifact(
         metered: Some(Protocol::Nx),
         sha256: None,
     };
-    if store_body(&state, upload, body).await? == Stored::Existing {
+    if store_body(&state, &principal, upload, body).await? == Stored::Existing {
         return Err(put_error(PutError::Exists, &hash));
     }
     tracing::debug!(token = %principal.name, bytes = len, "artifact stored");
@@ -167,6 +169,7 @@ pub(crate) enum Stored {
 /// takes (slots, size, idle timeout, replication).
 pub(crate) async fn store_body(
     state: &ApiState,
+    principal: &Principal,
     upload: Upload<'_>,
     body: Body,
 ) -> Result<Stored, ApiError> {
@@ -179,26 +182,28 @@ pub(crate) async fn store_body(
     } = upload;
     let mut digest = sha256.map(|_| ring::digest::Context::new(&ring::digest::SHA256));
     // Held until the upload ends; refused before anything is read or written.
-    let _slot = state.uploads.try_take().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "This node is taking {} uploads at once (--max-concurrent-uploads); artifact {hash} was not stored. Retry in a moment.",
-                state.uploads.limit()
-            ),
-        )
-        .retry_after(1)
-    })?;
+    let _slot = take_upload_slot(state, principal, hash)?;
+    let _in_progress = InProgress::new(&state.metrics.uploads_in_progress);
+    let pace = Pace {
+        started: Instant::now(),
+        idle: state.config.body_idle_timeout,
+        pace: state.config.upload_pace,
+    };
     let mut frames = body.into_data_stream();
-    let idle = state.config.body_idle_timeout;
     let mut writer = match state.data.begin_put(key, len).await {
         Ok(writer) => writer,
         Err(err) => {
-            // Refused before reading the body (exists, no room, cluster degraded). A
-            // client still sending when the connection closes sees a reset instead of
-            // this answer, so a body of reasonable size is read and dropped first.
+            // Refused before reading the body (exists, cluster degraded). A client still
+            // sending when the connection closes sees a reset instead of this answer, so
+            // a body of reasonable size is read and dropped first, at the pace required
+            // of any upload.
             if len <= DRAIN_BEFORE_REFUSING_MAX {
-                while let Ok(Some(Ok(_))) = tokio::time::timeout(idle, frames.next()).await {}
+                let mut drained = 0u64;
+                while let Ok(Some(Ok(chunk))) =
+                    tokio::time::timeout(pace.next_wait(drained).0, frames.next()).await
+                {
+                    drained += chunk.len() as u64;
+                }
             }
             if matches!(err, PutError::Exists) {
                 return Ok(Stored::Existing);
@@ -207,17 +212,13 @@ pub(crate) async fn store_body(
         }
     };
     loop {
-        let chunk = match tokio::time::timeout(idle, frames.next()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "No upload data arrived for {} s after {} of {len} bytes; nothing was stored.",
-                        idle.as_secs(),
-                        writer.written()
-                    ),
-                ));
-            }
+        let (wait, cut) = pace.next_wait(writer.written());
+        // The deadline or the minimum average rate is reached with bytes still owed.
+        if wait.is_zero() && writer.written() < len {
+            return Err(cut_upload(state, cut, &pace, writer.written(), len));
+        }
+        let chunk = match tokio::time::timeout(wait, frames.next()).await {
+            Err(_) => return Err(cut_upload(state, cut, &pace, writer.written(), len)),
             Ok(None) => break,
             Ok(Some(Err(err))) => {
                 tracing::debug!(%err, "upload body ended with an error");
@@ -267,6 +268,138 @@ pub(crate) async fn store_body(
         Err(PutError::Exists) => Ok(Stored::Existing),
         Err(err) => Err(put_error(err, hash)),
     }
+}
+
+/// A slot for an upload by `principal`, or the answer refusing it (503 when the node is
+/// full, 429 when the token has its share in progress).
+fn take_upload_slot(
+    state: &ApiState,
+    principal: &Principal,
+    hash: &str,
+) -> Result<UploadSlot, ApiError> {
+    state.uploads.try_take(&principal.name).map_err(|refusal| {
+        let (reason, error) = match refusal {
+            SlotRefusal::Node => (
+                "node_limit",
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "This node is taking {} uploads at once (--max-concurrent-uploads); artifact {hash} was not stored. Retry in a moment.",
+                        state.uploads.limit()
+                    ),
+                ),
+            ),
+            SlotRefusal::Token => (
+                "token_limit",
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "The token '{}' already has {} uploads in progress on this node (--max-uploads-per-token); artifact {hash} was not stored. Retry when one has finished.",
+                        principal.name,
+                        state.uploads.per_token()
+                    ),
+                ),
+            ),
+        };
+        state
+            .metrics
+            .uploads_refused
+            .with_label_values(&[reason])
+            .inc();
+        error.retry_after(1)
+    })
+}
+
+/// Counts an upload in progress while it lives.
+struct InProgress(prometheus::IntGauge);
+
+impl InProgress {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InProgress(gauge.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Why an upload body is cut before it is complete.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Nothing arrived for the body idle timeout.
+    Stalled,
+    /// Under the minimum average rate once the grace period is over.
+    TooSlow,
+    /// The overall upload deadline passed.
+    Deadline,
+}
+
+/// The clock of one upload body.
+struct Pace {
+    started: Instant,
+    idle: Duration,
+    pace: UploadPace,
+}
+
+impl Pace {
+    /// How long the next chunk may take to arrive with `received` bytes in, and why the
+    /// upload is cut if it does not.
+    fn next_wait(&self, received: u64) -> (Duration, Cut) {
+        let elapsed = self.started.elapsed();
+        let mut wait = (self.idle, Cut::Stalled);
+        let to_deadline = self.pace.deadline.saturating_sub(elapsed);
+        if to_deadline < wait.0 {
+            wait = (to_deadline, Cut::Deadline);
+        }
+        if self.pace.min_rate > 0 {
+            // The average since the start stays at the minimum until this instant.
+            let earned = Duration::from_secs_f64(received as f64 / self.pace.min_rate as f64);
+            let until = self.pace.grace.max(earned).saturating_sub(elapsed);
+            if until < wait.0 {
+                wait = (until, Cut::TooSlow);
+            }
+        }
+        wait
+    }
+}
+
+/// 408 for an upload cut by its pace; its slot and its reserved bytes are given back as
+/// the handler returns (the writer is dropped with it).
+fn cut_upload(state: &ApiState, cut: Cut, pace: &Pace, written: u64, len: u64) -> ApiError {
+    let elapsed = pace.started.elapsed().as_secs();
+    let (reason, why) = match cut {
+        Cut::Stalled => (
+            "stalled",
+            format!(
+                "No upload data arrived for {} s (--body-idle-timeout)",
+                pace.idle.as_secs()
+            ),
+        ),
+        Cut::TooSlow => (
+            "too_slow",
+            format!(
+                "The upload ran under the minimum average rate of {} bytes/s after its {} s grace (--upload-min-rate, --upload-rate-grace)",
+                pace.pace.min_rate,
+                pace.pace.grace.as_secs()
+            ),
+        ),
+        Cut::Deadline => (
+            "deadline",
+            format!(
+                "The upload did not finish within {} s (--upload-deadline)",
+                pace.pace.deadline.as_secs()
+            ),
+        ),
+    };
+    state.metrics.uploads_cut.with_label_values(&[reason]).inc();
+    tracing::info!(reason, written, len, elapsed_s = elapsed, "upload cut");
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("{why}: {written} of {len} bytes arrived in {elapsed} s; nothing was stored."),
+    )
 }
 
 /// Lower-case hexadecimal.

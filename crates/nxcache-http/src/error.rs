@@ -45,7 +45,7 @@ impl ApiError {
                 ),
             ),
             StoreError::LargerThanBudget { size, budget } => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
+                StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "The artifact ({size} bytes) is larger than the server's whole disk budget ({budget} bytes); nothing was stored. Raise --max-disk-usage (NXCACHE_MAX_DISK_USAGE) on the server."
                 ),

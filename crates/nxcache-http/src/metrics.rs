@@ -22,7 +22,12 @@ pub struct HttpMetrics {
     pub(crate) hits: IntCounter,
     pub(crate) misses: IntCounter,
     pub(crate) read_errors: IntCounter,
-    remote_hits: IntCounter,
+    pub(crate) remote_hits: IntCounter,
+    pub(crate) uploads_in_progress: IntGauge,
+    pub(crate) uploads_cut: IntCounterVec,
+    pub(crate) uploads_refused: IntCounterVec,
+    /// Failed authentication per client address, and its metrics.
+    pub(crate) auth_throttle: crate::AuthThrottle,
     /// The same four, by protocol (`nx`, `bazel`, `gradle`, `ccache`, `turbo`).
     protocol_hits: IntCounterVec,
     protocol_misses: IntCounterVec,
@@ -80,6 +85,27 @@ impl HttpMetrics {
             "Hits served from another member after a local miss (also counted as hits).",
         )?;
         registry.register(Box::new(remote_hits.clone()))?;
+        let uploads_in_progress = IntGauge::new(
+            "nxcache_http_uploads_in_progress",
+            "Uploads holding a slot: from the slot taken to the answer.",
+        )?;
+        registry.register(Box::new(uploads_in_progress.clone()))?;
+        let uploads_cut = IntCounterVec::new(
+            Opts::new(
+                "nxcache_http_uploads_cut_total",
+                "Uploads cut with 408 before their body was complete, by reason: stalled (no data for --body-idle-timeout), too_slow (under --upload-min-rate after the grace), deadline (--upload-deadline).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(uploads_cut.clone()))?;
+        let uploads_refused = IntCounterVec::new(
+            Opts::new(
+                "nxcache_http_uploads_refused_total",
+                "Uploads refused a slot, by reason: node_limit (--max-concurrent-uploads, 503) or token_limit (--max-uploads-per-token, 429).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(uploads_refused.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -126,6 +152,10 @@ impl HttpMetrics {
             protocol_misses,
             protocol_received_bytes,
             protocol_sent_bytes,
+            uploads_in_progress,
+            uploads_cut,
+            uploads_refused,
+            auth_throttle: crate::AuthThrottle::register(registry)?,
         })
     }
 

@@ -156,7 +156,7 @@ pub(crate) fn routes(mounts: &ProtocolMounts) -> axum::Router<ApiState> {
 /// The nxcache token a request carries: `Authorization: Bearer TOKEN`, or Basic
 /// credentials whose password is the token (the user name is free; a token given as the
 /// user name with an empty password is taken too).
-fn token(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, rest) = value.split_once(' ')?;
     let rest = rest.trim();
@@ -338,7 +338,9 @@ pub(crate) async fn put(
         metered: Some(protocol),
         sha256,
     };
-    let stored = store_body(state, upload, body).instrument(span).await?;
+    let stored = store_body(state, principal, upload, body)
+        .instrument(span)
+        .await?;
     tracing::debug!(token = %principal.name, protocol = protocol.label(), bytes = len, ?stored, "artifact stored");
     Ok(stored)
 }

@@ -258,7 +258,7 @@ pub(crate) async fn put(
             metered: None,
             sha256: None,
         };
-        store_body(&state, upload, Body::from(json)).await?;
+        store_body(&state, &principal, upload, Body::from(json)).await?;
     }
     let writer = Principal {
         namespace: namespace.to_owned(),

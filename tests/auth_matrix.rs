@@ -335,6 +335,12 @@ async fn failed_logins_are_throttled_per_address_without_holding_back_valid_toke
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
+    // Requests without credentials are not guesses: Gradle and curl send their Basic
+    // credentials only after such a 401 challenge. Many of them never block the address.
+    for _ in 0..40 {
+        let bare = client.get(&url).send().await.unwrap();
+        assert_eq!(bare.status().as_u16(), 401, "a request without credentials");
+    }
     let wrong = "Bearer a-guessed-token-0000000000";
     // The first failures are answered 401; then the address gets 429 with Retry-After.
     let mut answers = Vec::new();
@@ -365,14 +371,15 @@ async fn failed_logins_are_throttled_per_address_without_holding_back_valid_toke
             .send()
             .await
             .unwrap();
-        assert_eq!(valid.status().as_u16(), 404); // So is a valid token as a Basic password (Bazel, Gradle, ccache).
+        assert_eq!(valid.status().as_u16(), 404);
+        // So are valid Basic credentials (Gradle, Bazel, ccache).
         let basic = client
             .get(format!("{}/gradle/5550020", node.url))
             .basic_auth("ci", Some(RW_TOKEN))
             .send()
             .await
             .unwrap();
-        assert_eq!(basic.status().as_u16(), 404);
+        assert_eq!(basic.status().as_u16(), 404, "a valid Basic token");
     }
     let failed = answers.iter().filter(|s| **s == 401).count();
     let throttled = answers.iter().filter(|s| **s == 429).count();

@@ -210,7 +210,7 @@ async fn a_full_disk_leaves_the_metadata_log_room_to_write() {
     // Something else takes every byte left; the ballast goes, the log has room.
     let filler = fill_up(fs.path());
     nxcache_tests::wait_until(
-        std::time::Duration::from_secs(10),
+        nxcache_tests::PATIENCE,
         "the space reserve released (nxcache_disk_reserve_released 1)",
         || {
             let url = url.clone();

@@ -62,7 +62,7 @@ async fn an_upload_that_announces_the_budget_and_sends_nothing_evicts_nothing() 
     // 9 MiB announced, nothing sent, then the client disconnects.
     let attack = put_head(&node, "999", 9 * MIB).await;
     wait_until(
-        Duration::from_secs(30),
+        nxcache_tests::PATIENCE,
         "the announced upload in progress",
         || {
             let url = url.clone();
@@ -86,7 +86,7 @@ async fn an_upload_that_announces_the_budget_and_sends_nothing_evicts_nothing() 
     let mut partial = put_head(&node, "998", 9 * MIB).await;
     partial.write_all(&[1u8; 1000]).await.unwrap();
     wait_until(
-        Duration::from_secs(30),
+        nxcache_tests::PATIENCE,
         "the partial upload's bytes reserved",
         || {
             let url = url.clone();
@@ -96,7 +96,7 @@ async fn an_upload_that_announces_the_budget_and_sends_nothing_evicts_nothing() 
     .await;
     drop(partial);
     wait_until(
-        Duration::from_secs(30),
+        nxcache_tests::PATIENCE,
         "the abandoned upload's reservation released",
         || {
             let url = url.clone();

@@ -180,7 +180,7 @@ async fn nx_20_uses_nxcache_as_its_remote_cache() {
 async fn nx_24_through_one_node_of_a_three_node_cluster() {
     let mut cluster = nxcache_tests::ProcessCluster::start(3);
     let first = cluster.nodes[0].url.clone();
-    nxcache_tests::wait_until(std::time::Duration::from_secs(60), "cluster formed", || {
+    nxcache_tests::wait_until(nxcache_tests::PATIENCE, "cluster formed", || {
         let url = first.clone();
         async move {
             nxcache_tests::admin_status(&url).is_some_and(|s| {

@@ -23,6 +23,14 @@ fn settled(status: &serde_json::Value, members: usize) -> bool {
         && list.iter().filter(|m| m["role"] == "voter").count() == members.min(3)
 }
 
+/// The leader `url` names now, waited for while an election is on (whichever node wins).
+async fn current_leader(url: &str) -> u64 {
+    nxcache_tests::wait_for(PATIENCE, &format!("{url} naming a leader"), || {
+        std::future::ready(admin_status(url).as_ref().and_then(leader_of))
+    })
+    .await
+}
+
 /// Waits until every node in `urls` is settled with the others and names the same leader;
 /// on timeout, the panic shows what each node last said.
 async fn wait_whole(urls: &[String], what: &str) {
@@ -106,7 +114,7 @@ async fn a_voter_back_with_an_empty_disk_cannot_elect_a_node_missing_committed_e
     let mut cluster = ProcessCluster::start_shared(3, FORMATION);
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
     wait_whole(&urls, "three voters, one leader").await;
-    let leader = leader_of(&admin_status(&urls[0]).unwrap()).unwrap() as usize - 1;
+    let leader = current_leader(&urls[0]).await as usize - 1;
     let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     let (fresh, lagging) = (others[0], others[1]);
 
@@ -256,7 +264,7 @@ async fn membership_changes_on_a_leader_without_quorum_fail_with_503_and_then_su
     let mut cluster = ProcessCluster::start_shared(3, FORMATION);
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
     wait_whole(&urls, "three voters, one leader").await;
-    let leader = leader_of(&admin_status(&urls[0]).unwrap()).unwrap() as usize - 1;
+    let leader = current_leader(&urls[0]).await as usize - 1;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     for &f in &followers {
         cluster.nodes[f].kill9();

@@ -825,31 +825,6 @@ impl ServeConfig {
     }
 }
 
-/// A protocol's mount point: `off`, or a path below the base path that no other route
-/// of the API takes.
-fn mount_path(
-    flag: &str,
-    raw: Option<String>,
-    default: &str,
-) -> Result<Option<String>, ConfigError> {
-    let raw = raw.unwrap_or_else(|| default.to_owned());
-    if raw.trim().eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    let path = normalize_base_path(&raw).map_err(|_| {
-        ConfigError::Invalid(format!(
-            "{flag} must be off or look like {default}, not {raw:?}"
-        ))
-    })?;
-    let first = path.split('/').nth(1).unwrap_or_default();
-    if path.is_empty() || ["v1", "v8", "admin", "healthz", "readyz", "metrics"].contains(&first) {
-        return Err(ConfigError::Invalid(format!(
-            "{flag} {raw:?} would take the place of another route of the API; use a path of its own, such as {default}"
-        )));
-    }
-    Ok(Some(path))
-}
-
 /// The shortest token or cluster secret accepted.
 pub const MIN_SECRET_LEN: usize = 16;
 
@@ -876,6 +851,31 @@ fn check_secret(which: &str, value: &str) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+/// A protocol's mount point: `off`, or a path below the base path that no other route
+/// of the API takes.
+fn mount_path(
+    flag: &str,
+    raw: Option<String>,
+    default: &str,
+) -> Result<Option<String>, ConfigError> {
+    let raw = raw.unwrap_or_else(|| default.to_owned());
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let path = normalize_base_path(&raw).map_err(|_| {
+        ConfigError::Invalid(format!(
+            "{flag} must be off or look like {default}, not {raw:?}"
+        ))
+    })?;
+    let first = path.split('/').nth(1).unwrap_or_default();
+    if path.is_empty() || ["v1", "v8", "admin", "healthz", "readyz", "metrics"].contains(&first) {
+        return Err(ConfigError::Invalid(format!(
+            "{flag} {raw:?} would take the place of another route of the API; use a path of its own, such as {default}"
+        )));
+    }
+    Ok(Some(path))
 }
 
 fn normalize_base_path(raw: &str) -> Result<String, ConfigError> {

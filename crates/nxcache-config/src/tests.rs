@@ -252,37 +252,6 @@ fn statefulset_host_names_give_the_node_id() {
 }
 
 #[test]
-fn protocol_mount_points_default_move_and_turn_off() {
-    let parse = |list: &[&str]| ServeConfig::merge(args(list), FileConfig::default());
-    let defaults = parse(&[]).unwrap();
-    assert_eq!(defaults.bazel_path.as_deref(), Some("/bazel"));
-    assert_eq!(defaults.gradle_path.as_deref(), Some("/gradle"));
-    assert_eq!(defaults.ccache_path.as_deref(), Some("/ccache"));
-    assert!(defaults.turborepo);
-    let moved = parse(&[
-        "--bazel-path",
-        "/tools/bazel/",
-        "--ccache-path",
-        "off",
-        "--turborepo",
-        "off",
-    ])
-    .unwrap();
-    assert_eq!(moved.bazel_path.as_deref(), Some("/tools/bazel"));
-    assert_eq!(moved.ccache_path, None);
-    assert!(!moved.turborepo);
-    for bad in [
-        &["--gradle-path", "gradle"][..],
-        &["--gradle-path", "/v1/x"],
-        &["--gradle-path", "/"],
-        &["--gradle-path", "/bazel/g"],
-        &["--bazel-path", "/c", "--ccache-path", "/c"],
-    ] {
-        assert!(parse(bad).is_err(), "{bad:?}");
-    }
-}
-
-#[test]
 fn shipped_placeholders_and_short_secrets_are_refused_naming_the_variable() {
     let long = "0123456789abcdef0123";
     let cases: [(&[&str], &str); 6] = [
@@ -360,5 +329,36 @@ fn the_shipped_example_files_do_not_start_a_node() {
             checked += 1;
         }
         assert_eq!(checked, 4, "every secret of {text}");
+    }
+}
+
+#[test]
+fn protocol_mount_points_default_move_and_turn_off() {
+    let parse = |list: &[&str]| ServeConfig::merge(args(list), FileConfig::default());
+    let defaults = parse(&[]).unwrap();
+    assert_eq!(defaults.bazel_path.as_deref(), Some("/bazel"));
+    assert_eq!(defaults.gradle_path.as_deref(), Some("/gradle"));
+    assert_eq!(defaults.ccache_path.as_deref(), Some("/ccache"));
+    assert!(defaults.turborepo);
+    let moved = parse(&[
+        "--bazel-path",
+        "/tools/bazel/",
+        "--ccache-path",
+        "off",
+        "--turborepo",
+        "off",
+    ])
+    .unwrap();
+    assert_eq!(moved.bazel_path.as_deref(), Some("/tools/bazel"));
+    assert_eq!(moved.ccache_path, None);
+    assert!(!moved.turborepo);
+    for bad in [
+        &["--gradle-path", "gradle"][..],
+        &["--gradle-path", "/v1/x"],
+        &["--gradle-path", "/"],
+        &["--gradle-path", "/bazel/g"],
+        &["--bazel-path", "/c", "--ccache-path", "/c"],
+    ] {
+        assert!(parse(bad).is_err(), "{bad:?}");
     }
 }

@@ -133,10 +133,11 @@ pub(crate) async fn put_artifact(
         key,
         len,
         name: &hash,
+        token: &principal.name,
         metered: Some(Protocol::Nx),
         sha256: None,
     };
-    if store_body(&state, &principal, upload, body).await? == Stored::Existing {
+    if store_body(&state, upload, body).await? == Stored::Existing {
         return Err(put_error(PutError::Exists, &hash));
     }
     tracing::debug!(token = %principal.name, bytes = len, "artifact stored");
@@ -150,6 +151,8 @@ pub(crate) struct Upload<'a> {
     pub len: u64,
     /// How the client names it, for messages.
     pub name: &'a str,
+    /// The name of the token uploading it (uploads in progress are limited per token).
+    pub token: &'a str,
     /// The protocol whose received bytes it counts in; `None` for what is not an
     /// artifact body (Turborepo's stored headers).
     pub metered: Option<Protocol>,
@@ -169,7 +172,6 @@ pub(crate) enum Stored {
 /// takes (slots, size, idle timeout, replication).
 pub(crate) async fn store_body(
     state: &ApiState,
-    principal: &Principal,
     upload: Upload<'_>,
     body: Body,
 ) -> Result<Stored, ApiError> {
@@ -177,12 +179,13 @@ pub(crate) async fn store_body(
         key,
         len,
         name: hash,
+        token,
         metered,
         sha256,
     } = upload;
     let mut digest = sha256.map(|_| ring::digest::Context::new(&ring::digest::SHA256));
     // Held until the upload ends; refused before anything is read or written.
-    let _slot = take_upload_slot(state, principal, hash)?;
+    let _slot = take_upload_slot(state, token, hash)?;
     let _in_progress = InProgress::new(&state.metrics.uploads_in_progress);
     let pace = Pace {
         started: Instant::now(),
@@ -270,14 +273,15 @@ pub(crate) async fn store_body(
     }
 }
 
-/// A slot for an upload by `principal`, or the answer refusing it (503 when the node is
+/// Lower-case hexadecimal.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A slot for an upload by the token named `token`, or the answer refusing it (503 when the node is
 /// full, 429 when the token has its share in progress).
-fn take_upload_slot(
-    state: &ApiState,
-    principal: &Principal,
-    hash: &str,
-) -> Result<UploadSlot, ApiError> {
-    state.uploads.try_take(&principal.name).map_err(|refusal| {
+fn take_upload_slot(state: &ApiState, token: &str, hash: &str) -> Result<UploadSlot, ApiError> {
+    state.uploads.try_take(token).map_err(|refusal| {
         let (reason, error) = match refusal {
             SlotRefusal::Node => (
                 "node_limit",
@@ -295,7 +299,7 @@ fn take_upload_slot(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!(
                         "The token '{}' already has {} uploads in progress on this node (--max-uploads-per-token); artifact {hash} was not stored. Retry when one has finished.",
-                        principal.name,
+                        token,
                         state.uploads.per_token()
                     ),
                 ),
@@ -400,11 +404,6 @@ fn cut_upload(state: &ApiState, cut: Cut, pace: &Pace, written: u64, len: u64) -
         StatusCode::REQUEST_TIMEOUT,
         format!("{why}: {written} of {len} bytes arrived in {elapsed} s; nothing was stored."),
     )
-}
-
-/// Lower-case hexadecimal.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) fn put_error(err: PutError, hash: &str) -> ApiError {

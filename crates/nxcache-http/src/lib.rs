@@ -47,12 +47,12 @@ pub struct ApiConfig {
     pub put_success_status: StatusCode,
     /// An upload that sends nothing for this long is cut off (slow or stalled clients).
     pub body_idle_timeout: Duration,
-    /// Where the Bazel, Gradle, ccache and Turborepo APIs are served (below `base_path`).
-    pub protocols: ProtocolMounts,
     /// The pace an upload must keep (trickling uploads cannot hold slots or space).
     pub upload_pace: UploadPace,
     /// When set, `/metrics` answers only a request bearing this token.
     pub metrics_token: Option<nxcache_auth::Digest>,
+    /// Where the Bazel, Gradle, ccache and Turborepo APIs are served (below `base_path`).
+    pub protocols: ProtocolMounts,
 }
 
 /// Minimum pace of an upload: after `grace`, at least `min_rate` bytes per second on

@@ -148,14 +148,14 @@ impl HttpMetrics {
             misses,
             read_errors,
             remote_hits,
-            protocol_hits,
-            protocol_misses,
-            protocol_received_bytes,
-            protocol_sent_bytes,
             uploads_in_progress,
             uploads_cut,
             uploads_refused,
             auth_throttle: crate::AuthThrottle::register(registry)?,
+            protocol_hits,
+            protocol_misses,
+            protocol_received_bytes,
+            protocol_sent_bytes,
         })
     }
 

@@ -129,8 +129,8 @@ pub(crate) async fn guard(State(state): State<ApiState>, request: Request, next:
         _ => false,
     };
     if !probe && let Some(retry) = throttle.blocked(addr, Instant::now()) {
-        // Bearer, or Basic with the token as password (Bazel, Gradle, ccache).
-        let valid = crate::protocols::token(request.headers())
+        // Bearer (Nx, Turborepo) or Basic (Gradle, Bazel, ccache) credentials.
+        let valid = crate::protocols::presented_token(request.headers())
             .is_some_and(|token| state.auth.authenticate(&token).is_some());
         if !valid {
             throttle.throttled.inc();
@@ -144,8 +144,12 @@ pub(crate) async fn guard(State(state): State<ApiState>, request: Request, next:
             .into_response();
         }
     }
+    // Only a credential that was presented and refused is a guess. A request without
+    // one is how Gradle and curl ask for the Basic challenge before they send theirs:
+    // counting those would lock out a build machine that does nothing wrong.
+    let presented = request.headers().contains_key(header::AUTHORIZATION);
     let response = next.run(request).await;
-    if response.status() == StatusCode::UNAUTHORIZED {
+    if response.status() == StatusCode::UNAUTHORIZED && presented {
         throttle.failures.inc();
         throttle.failed(addr, Instant::now());
         if let Some(suppressed) = throttle.audit.admit() {

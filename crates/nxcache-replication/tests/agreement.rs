@@ -589,7 +589,7 @@ async fn a_losing_write_withdraws_its_copy_from_an_owner_that_received_it_meanwh
     // While it waits for node 3, node 2's body goes (its own writer withdrew it) and
     // anti-entropy hands node 2 node 1's copy, this write's version.
     let mine = until_held(one, "91").await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + nxcache_testkit::PATIENCE;
     while two.copy("91").map(|c| c.version) != Some(mine.version) {
         assert!(
             std::time::Instant::now() < deadline,

@@ -169,6 +169,20 @@ mod tests {
         if std::env::var_os("NXCACHE_TESTKIT_HANG").is_none() {
             return;
         }
+        // A child that would outlive the test process unless the watchdog kills it.
+        #[expect(
+            clippy::zombie_processes,
+            reason = "never waited for: the watchdog ends this process and kills it"
+        )]
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            // Not holding the test's output pipes open: the test below reads them to the end.
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        adopt(child.id());
+        eprintln!("child pid {}", child.id());
         let _waiting = waiting_for("a condition that never holds");
         loop {
             std::thread::sleep(Duration::from_secs(1));
@@ -209,6 +223,22 @@ mod tests {
         assert!(
             text.contains("waiting for: a condition that never holds"),
             "{text}"
+        );
+        // Its child was killed, not left behind (once reaped by init, it is gone).
+        let pid: u32 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("child pid "))
+            .expect("the hung test's child pid")
+            .trim()
+            .parse()
+            .unwrap();
+        crate::wait_until_blocking(
+            Duration::from_secs(60),
+            "the hung test's child gone",
+            || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |stat| stat.contains(") Z "))
+            },
         );
     }
 }

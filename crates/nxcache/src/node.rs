@@ -453,12 +453,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             put_success_status: StatusCode::from_u16(config.put_success_status)
                 .expect("validated status"),
             body_idle_timeout: config.body_idle_timeout,
-            protocols: nxcache_http::ProtocolMounts {
-                bazel: config.bazel_path.clone(),
-                gradle: config.gradle_path.clone(),
-                ccache: config.ccache_path.clone(),
-                turbo: config.turborepo,
-            },
             upload_pace: nxcache_http::UploadPace {
                 min_rate: config.upload_min_rate,
                 grace: config.upload_rate_grace,
@@ -468,6 +462,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 .metrics_token
                 .as_ref()
                 .map(|t| nxcache_auth::Digest::of(t.expose())),
+            protocols: nxcache_http::ProtocolMounts {
+                bazel: config.bazel_path.clone(),
+                gradle: config.gradle_path.clone(),
+                ccache: config.ccache_path.clone(),
+                turbo: config.turborepo,
+            },
         }),
         metrics: HttpMetrics::register(&registry)?,
         registry: registry.clone(),

@@ -156,7 +156,7 @@ pub(crate) fn routes(mounts: &ProtocolMounts) -> axum::Router<ApiState> {
 /// The nxcache token a request carries: `Authorization: Bearer TOKEN`, or Basic
 /// credentials whose password is the token (the user name is free; a token given as the
 /// user name with an empty password is taken too).
-pub(crate) fn token(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn presented_token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, rest) = value.split_once(' ')?;
     let rest = rest.trim();
@@ -192,7 +192,7 @@ pub(crate) fn authorize(
     };
     let secret = match headers.get(header::AUTHORIZATION) {
         None => return Err(unauthorized("Missing credentials.")),
-        Some(_) => token(headers).ok_or_else(|| {
+        Some(_) => presented_token(headers).ok_or_else(|| {
             unauthorized(
                 "The Authorization header must be 'Basic' with an nxcache token as the password, or 'Bearer TOKEN'.",
             )
@@ -335,12 +335,11 @@ pub(crate) async fn put(
         key,
         len,
         name: hash,
+        token: &principal.name,
         metered: Some(protocol),
         sha256,
     };
-    let stored = store_body(state, principal, upload, body)
-        .instrument(span)
-        .await?;
+    let stored = store_body(state, upload, body).instrument(span).await?;
     tracing::debug!(token = %principal.name, protocol = protocol.label(), bytes = len, ?stored, "artifact stored");
     Ok(stored)
 }
@@ -427,17 +426,23 @@ mod tests {
 
     #[test]
     fn the_token_is_a_bearer_or_a_basic_password() {
-        assert_eq!(token(&with_auth("Bearer abc")).as_deref(), Some("abc"));
-        assert_eq!(token(&with_auth("bearer  abc ")).as_deref(), Some("abc"));
-        assert_eq!(token(&basic("ci:abc")).as_deref(), Some("abc"));
+        assert_eq!(
+            presented_token(&with_auth("Bearer abc")).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_token(&with_auth("bearer  abc ")).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(presented_token(&basic("ci:abc")).as_deref(), Some("abc"));
         // A token with ':' in it stays whole; a token as the user name is taken too.
-        assert_eq!(token(&basic("ci:a:b")).as_deref(), Some("a:b"));
-        assert_eq!(token(&basic("abc:")).as_deref(), Some("abc"));
+        assert_eq!(presented_token(&basic("ci:a:b")).as_deref(), Some("a:b"));
+        assert_eq!(presented_token(&basic("abc:")).as_deref(), Some("abc"));
         for bad in ["Bearer ", "Basic !!!", "Digest abc", "abc"] {
-            assert_eq!(token(&with_auth(bad)), None, "{bad}");
+            assert_eq!(presented_token(&with_auth(bad)), None, "{bad}");
         }
-        assert_eq!(token(&basic("no-colon")), None);
-        assert_eq!(token(&basic(":")), None);
-        assert_eq!(token(&HeaderMap::new()), None);
+        assert_eq!(presented_token(&basic("no-colon")), None);
+        assert_eq!(presented_token(&basic(":")), None);
+        assert_eq!(presented_token(&HeaderMap::new()), None);
     }
 }

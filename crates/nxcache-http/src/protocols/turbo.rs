@@ -255,10 +255,11 @@ pub(crate) async fn put(
             key: key_in(META_SPACE, namespace, &hash)?,
             len: json.len() as u64,
             name: &hash,
+            token: &principal.name,
             metered: None,
             sha256: None,
         };
-        store_body(&state, &principal, upload, Body::from(json)).await?;
+        store_body(&state, upload, Body::from(json)).await?;
     }
     let writer = Principal {
         namespace: namespace.to_owned(),

@@ -47,14 +47,17 @@ fn registered_metrics() -> BTreeSet<String> {
     }
     let mut sources = String::new();
     walk(&workspace_root().join("crates"), &mut sources);
+    // Each `"nxcache_` opens a literal up to the next quote. (Splitting the whole text
+    // at every quote went wrong after a `'"'` character literal in any source file.)
     let mut names: BTreeSet<String> = sources
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .filter(|s| {
-            s.starts_with("nxcache_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        .match_indices("\"nxcache_")
+        .filter_map(|(at, _)| {
+            let rest = &sources[at + 1..];
+            let name = &rest[..rest.find('"')?];
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                .then(|| name.to_owned())
         })
-        .map(str::to_owned)
         .collect();
     // The standard process collector's families.
     for family in nxcache_telemetry::new_registry().gather() {

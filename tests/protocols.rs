@@ -513,6 +513,16 @@ async fn turborepo_v8_artifacts_headers_queries_and_teams() {
         get(&in_team("web", hash), Auth::Bearer(&web)).await.0,
         StatusCode::NOT_FOUND
     );
+    // Bytes received count artifact bodies only (the stored headers are not one): the
+    // tarball and the web build, each stored once through node 0.
+    let page = metrics_page(&a).await;
+    assert_eq!(
+        metric(
+            &page,
+            "nxcache_protocol_received_bytes_total{protocol=\"turbo\"}"
+        ),
+        Some(16.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

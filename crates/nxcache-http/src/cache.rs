@@ -135,7 +135,7 @@ pub(crate) async fn put_artifact(
         len,
         name: &hash,
         token: &principal.name,
-        protocol: Protocol::Nx,
+        metered: Some(Protocol::Nx),
         sha256: None,
     };
     if store_body(&state, upload, body).await? == Stored::Existing {
@@ -154,7 +154,9 @@ pub(crate) struct Upload<'a> {
     pub name: &'a str,
     /// The name of the token uploading it (uploads in progress are limited per token).
     pub token: &'a str,
-    pub protocol: Protocol,
+    /// The protocol whose received bytes it counts in; `None` for what is not an
+    /// artifact body (Turborepo's stored headers).
+    pub metered: Option<Protocol>,
     /// The SHA-256 the body must have (content-addressed uploads); refused otherwise.
     pub sha256: Option<[u8; 32]>,
 }
@@ -179,7 +181,7 @@ pub(crate) async fn store_body(
         len,
         name: hash,
         token,
-        protocol,
+        metered,
         sha256,
     } = upload;
     let mut digest = sha256.map(|_| ring::digest::Context::new(&ring::digest::SHA256));
@@ -239,7 +241,9 @@ pub(crate) async fn store_body(
             digest.update(&chunk);
         }
         writer.write(chunk).await.map_err(|e| put_error(e, hash))?;
-        state.metrics.received(protocol, received);
+        if let Some(protocol) = metered {
+            state.metrics.received(protocol, received);
+        }
     }
     if writer.written() != len {
         // The body ended early (the connection layer normally catches this first).

@@ -336,7 +336,7 @@ pub(crate) async fn put(
         len,
         name: hash,
         token: &principal.name,
-        protocol,
+        metered: Some(protocol),
         sha256,
     };
     let stored = store_body(state, upload, body).instrument(span).await?;

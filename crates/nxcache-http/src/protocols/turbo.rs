@@ -256,7 +256,7 @@ pub(crate) async fn put(
             len: json.len() as u64,
             name: &hash,
             token: &principal.name,
-            protocol: TURBO,
+            metered: None,
             sha256: None,
         };
         store_body(&state, upload, Body::from(json)).await?;

@@ -449,3 +449,66 @@ fn log_lines_of(log: &std::path::Path, action: &str) -> Vec<serde_json::Value> {
         .filter(|l| l["action"] == action)
         .collect()
 }
+
+#[test]
+fn the_admin_cli_speaks_https_with_a_token_from_the_environment_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = nxcache_tests::self_signed_cert(dir.path());
+    let node = nxcache_tests::NodeProcess::start(
+        &dir.path().join("node"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[("NXCACHE_ADMIN_TOKENS", ADMIN_TOKEN)],
+    );
+    assert!(node.url.starts_with("https://"), "{}", node.url);
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(nxcache_tests::nxcache_bin());
+        cmd.args(["admin", "--server", &node.url])
+            .args(extra)
+            .args(["status", "--json"])
+            .env_remove("NXCACHE_ADMIN_TOKEN")
+            .env_remove("NXCACHE_ADMIN_TOKENS")
+            .env_remove("NXCACHE_ADMIN_CA_CERT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let ca = cert.to_str().unwrap();
+    let file = token_file.to_str().unwrap();
+    // The CA given, the token from the environment or from a file: answered.
+    let (ok, out) = run(&["--ca-cert", ca], &[("NXCACHE_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    assert!(ok && out.contains("\"node_id\""), "{out}");
+    let (ok, out) = run(&["--ca-cert", ca, "--token-file", file], &[]);
+    assert!(ok && out.contains("\"node_id\""), "{out}");
+    let (ok, out) = run(
+        &[],
+        &[
+            ("NXCACHE_ADMIN_CA_CERT", ca),
+            ("NXCACHE_ADMIN_TOKEN_FILE", file),
+        ],
+    );
+    assert!(ok && out.contains("\"node_id\""), "{out}");
+    // Without the CA the self-signed certificate is not trusted; without a token the CLI
+    // says where to put one.
+    let (ok, out) = run(&["--token-file", file], &[]);
+    assert!(!ok && out.contains("cannot reach"), "{out}");
+    let (ok, out) = run(&["--ca-cert", ca], &[]);
+    assert!(!ok && out.contains("NXCACHE_ADMIN_TOKEN"), "{out}");
+    // The admin token never went on a command line here.
+    assert!(!out.contains(ADMIN_TOKEN));
+}

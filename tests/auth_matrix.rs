@@ -512,3 +512,47 @@ fn the_admin_cli_speaks_https_with_a_token_from_the_environment_or_a_file() {
     // The admin token never went on a command line here.
     assert!(!out.contains(ADMIN_TOKEN));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_message_beyond_the_blobs_limit_is_refused_before_it_is_decoded() {
+    use nxcache_rpc::pb::HeadRequest;
+    use nxcache_rpc::pb::blobs_client::BlobsClient;
+    let cluster = ProcessCluster::start(1);
+    let grpc = format!("http://127.0.0.1:{}", cluster.grpc_ports[0]);
+    let channel = tonic::transport::Endpoint::from_shared(grpc)
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let secret = ClusterSecret::new(CLUSTER_SECRET).unwrap();
+    let status = nxcache_tests::admin_status(&cluster.nodes[0].url).unwrap();
+    secret
+        .cluster_id()
+        .set(status["cluster_id"].as_str().unwrap())
+        .unwrap();
+    let mut client = BlobsClient::with_interceptor(channel, secret.client_interceptor())
+        .max_encoding_message_size(64 << 20);
+    // Within the limit: answered (a key that long is simply not valid).
+    let small = client
+        .head(HeadRequest {
+            key: "x".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(small.code(), tonic::Code::InvalidArgument, "{small:?}");
+    // 3 MiB: under tonic's default 4 MiB, over the limit set on purpose.
+    let big = client
+        .head(HeadRequest {
+            key: "x".repeat(3 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            big.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{big:?}"
+    );
+}

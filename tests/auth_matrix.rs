@@ -10,13 +10,13 @@ use nxcache_rpc::ClusterSecret;
 use nxcache_rpc::pb::PingRequest;
 use nxcache_rpc::pb::membership_client::MembershipClient;
 use nxcache_tests::{
-    ADMIN_TOKEN, CLUSTER_SECRET, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, metric, metrics_page,
-    wait_until,
+    ADMIN_TOKEN, CLUSTER_SECRET, PATIENCE, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, metric,
+    metrics_page, wait_until,
 };
 
 /// Status and `Content-Type` of a request to `url` with `authorization` (raw header).
 async fn call(method: &str, url: &str, authorization: Option<&str>) -> (u16, String) {
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let mut request = match method {
         "PUT" => client.put(url).body(vec![1u8; 100]),
         "POST" => client
@@ -107,19 +107,15 @@ async fn each_credential_gets_exactly_its_documented_answer() {
     let (ok, out) = admin(&url, &["tokens", "revoke", "temp"]);
     assert!(ok, "{out}");
     let check = stored.clone();
-    wait_until(Duration::from_secs(1), "the revoked token refused", || {
+    wait_until(PATIENCE, "the revoked token refused", || {
         let (check, temp) = (check.clone(), temp.clone());
         async move { call("GET", &check, Some(&temp)).await.0 == 401 }
     })
     .await;
 
     // Inter-node calls: without the secret, with a wrong one, with the right one.
-    let grpc = format!("http://127.0.0.1:{}", cluster.grpc_ports[0]);
-    let channel = tonic::transport::Endpoint::from_shared(grpc)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        nxcache_tests::grpc_channel(&format!("127.0.0.1:{}", cluster.grpc_ports[0])).await;
     let refused = MembershipClient::new(channel.clone())
         .ping(PingRequest {})
         .await
@@ -207,7 +203,7 @@ async fn wait_token(url: &str, token: &str, accepted: bool, what: &str) {
     let target = format!("{url}/v1/cache/5550009");
     let bearer = format!("Bearer {token}");
     let expected = if accepted { 404 } else { 401 };
-    wait_until(Duration::from_secs(10), what, || {
+    wait_until(PATIENCE, what, || {
         let (target, bearer) = (target.clone(), bearer.clone());
         async move { call("GET", &target, Some(&bearer)).await.0 == expected }
     })
@@ -304,22 +300,23 @@ fn a_node_refuses_the_shipped_placeholders_and_short_tokens() {
             "change-me-to-a-long-random-cluster-secret",
         ),
     ] {
-        let out = std::process::Command::new(nxcache_tests::nxcache_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env_remove("NXCACHE_READ_WRITE_TOKENS")
-            .env_remove("NXCACHE_ADMIN_TOKENS")
-            .env_remove("NXCACHE_CLUSTER_SECRET")
-            .env(variable, value)
-            .output()
-            .unwrap();
+        let out = nxcache_tests::output_within(
+            std::process::Command::new(nxcache_tests::nxcache_bin())
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                ])
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .env_remove("NXCACHE_READ_WRITE_TOKENS")
+                .env_remove("NXCACHE_ADMIN_TOKENS")
+                .env_remove("NXCACHE_CLUSTER_SECRET")
+                .env(variable, value),
+            nxcache_tests::PATIENCE,
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{variable}: started");
         assert!(
@@ -480,7 +477,7 @@ fn the_admin_cli_speaks_https_with_a_token_from_the_environment_or_a_file() {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let out = cmd.output().unwrap();
+        let out = nxcache_tests::output_within(&mut cmd, nxcache_tests::PATIENCE);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -101,7 +101,8 @@ fn the_dashboard_has_a_row_per_area_and_every_panel_a_query() {
             "Latency",
             "Storage",
             "Replication",
-            "Raft"
+            "Raft",
+            "Protocols"
         ]
     );
     let mut ids = BTreeSet::new();

@@ -1,10 +1,16 @@
 # Shared by the benchmark scripts: sourced after `set -euo pipefail`, with $root set.
-# Builds the release binary and sets up: $bin, $work (removed on exit), $out (the JSON
+# Builds the release binary (or takes $NXCACHE_BENCH_BIN) and sets up: $bin, $work (removed on exit), $out (the JSON
 # lines file, named after $1), track_pid PID for processes to stop on exit.
 bench_setup() { # $1 = results file prefix
   command -v python3 >/dev/null || { echo "python3 is needed to compute ratios" >&2; exit 2; }
-  (cd "$root" && cargo build --release -q -p nxcache)
-  bin="$root/target/release/nxcache"
+  if [ -n "${NXCACHE_BENCH_BIN:-}" ]; then
+    # A binary already built (e.g. target/debug/nxcache where a release build costs too
+    # much): ratios within one run stay meaningful, absolute figures do not.
+    bin=$NXCACHE_BENCH_BIN
+  else
+    (cd "$root" && cargo build --release -q -p nxcache)
+    bin="$root/target/release/nxcache"
+  fi
   work=$(mktemp -d /var/tmp/nxcache-bench.XXXXXX)
   mkdir -p "$root/bench-results"
   out="$root/bench-results/$1-$(date -u +%Y%m%dT%H%M%SZ).jsonl"

@@ -1,19 +1,17 @@
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, FromArgMatches};
 
 use super::*;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
+/// The flags parsed as `nxcache serve` would, except that the caller's `NXCACHE_*`
+/// variables fill nothing: these tests are about the flags and the file.
 fn args(list: &[&str]) -> ServeArgs {
     let mut argv = vec!["nxcache"];
     argv.extend_from_slice(list);
-    Cli::try_parse_from(argv).unwrap().serve
+    let command =
+        ServeArgs::augment_args(clap::Command::new("nxcache")).mut_args(|arg| arg.env(None));
+    ServeArgs::from_arg_matches(&command.try_get_matches_from(argv).unwrap()).unwrap()
 }
 
 #[test]
@@ -331,5 +329,36 @@ fn the_shipped_example_files_do_not_start_a_node() {
             checked += 1;
         }
         assert_eq!(checked, 4, "every secret of {text}");
+    }
+}
+
+#[test]
+fn protocol_mount_points_default_move_and_turn_off() {
+    let parse = |list: &[&str]| ServeConfig::merge(args(list), FileConfig::default());
+    let defaults = parse(&[]).unwrap();
+    assert_eq!(defaults.bazel_path.as_deref(), Some("/bazel"));
+    assert_eq!(defaults.gradle_path.as_deref(), Some("/gradle"));
+    assert_eq!(defaults.ccache_path.as_deref(), Some("/ccache"));
+    assert!(defaults.turborepo);
+    let moved = parse(&[
+        "--bazel-path",
+        "/tools/bazel/",
+        "--ccache-path",
+        "off",
+        "--turborepo",
+        "off",
+    ])
+    .unwrap();
+    assert_eq!(moved.bazel_path.as_deref(), Some("/tools/bazel"));
+    assert_eq!(moved.ccache_path, None);
+    assert!(!moved.turborepo);
+    for bad in [
+        &["--gradle-path", "gradle"][..],
+        &["--gradle-path", "/v1/x"],
+        &["--gradle-path", "/"],
+        &["--gradle-path", "/bazel/g"],
+        &["--bazel-path", "/c", "--ccache-path", "/c"],
+    ] {
+        assert!(parse(bad).is_err(), "{bad:?}");
     }
 }

@@ -229,6 +229,12 @@ pub trait ClusterControl: Send + Sync + 'static {
     /// Ok when this node can serve: it holds the cluster's state and its tokens (a leader
     /// is not needed).
     fn readiness(&self) -> Result<(), String>;
+    /// Ok while this node's part of the control plane runs; the error (a metadata log that
+    /// stopped on a storage failure) means only a restart helps: `/healthz` then answers
+    /// 503 so that a supervisor restarts the node.
+    fn liveness(&self) -> Result<(), String> {
+        Ok(())
+    }
     fn status(&self) -> BoxFuture<'_, StatusView>;
     fn tokens(&self) -> BoxFuture<'_, Result<Vec<TokenView>, AdminError>>;
     fn settings(&self) -> SettingsView;

@@ -514,7 +514,10 @@ impl MetaNode {
                 }
                 tokio::select! {
                     _ = &mut stopped => return,
-                    changed = watch.changed() => if changed.is_err() { return },
+                    changed = watch.changed() => if changed.is_err() {
+                        metrics.core_down();
+                        return;
+                    },
                 }
             }
         }));
@@ -592,6 +595,11 @@ impl MetaNode {
                 "this node holds no cluster state yet (joining, or the cluster is forming)".into(),
             );
         }
+        if let Some(why) = self.core_failure() {
+            return Err(format!(
+                "the metadata log (Raft) has stopped: {why}; restart this node"
+            ));
+        }
         if !self.inner.seeded.load(Ordering::SeqCst) {
             return Err("the tokens from the environment are not applied yet".into());
         }
@@ -605,6 +613,10 @@ impl MetaNode {
         &self,
         m: &openraft::RaftMetrics<NodeId, MemberNode>,
     ) -> Option<NodeId> {
+        if m.running_state.is_err() {
+            // A stopped core leads and follows nothing, whatever its last metrics say.
+            return None;
+        }
         match m.current_leader {
             Some(me) if me == m.id => m
                 .millis_since_quorum_ack

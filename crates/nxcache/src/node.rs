@@ -308,6 +308,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             .await?
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?
     };
+    // Before the metadata log opens: its writes must always find room (a write it cannot
+    // make stops its Raft core for good).
+    let space_reserve = crate::reserve::open(&config.data_dir).await?;
+    store.keep_space_reserve(space_reserve.clone());
     let (seeds, new_token) = seed_tokens(&config)?;
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -395,7 +399,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     }
     topology.attach(meta.clone());
     let (stop, stop_rx) = watch::channel(false);
-    let mut workers = Vec::new();
+    let mut workers = vec![crate::reserve::spawn_watch(
+        space_reserve,
+        &registry,
+        stop_rx.clone(),
+    )?];
     let settling = tokio::spawn(settle_settings(
         meta.clone(),
         config.cluster.clone(),
@@ -428,6 +436,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         nxcache_replication::ReplicationMetrics::register(&registry)?,
     );
     let readiness = Readiness::default();
+    // /readyz answers from the last check: the first is made before serving.
+    let writable = prometheus::IntGauge::new(
+        "nxcache_data_dir_writable",
+        "1 when the last background check could write, sync and remove a file in the data directory, else 0 (/readyz answers 503).",
+    )?;
+    registry.register(Box::new(writable.clone()))?;
+    nxcache_http::check_disk(&store, &readiness, &writable).await;
     let state = ApiState {
         data: data.clone(),
         auth: meta.authenticator(),
@@ -438,13 +453,32 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             put_success_status: StatusCode::from_u16(config.put_success_status)
                 .expect("validated status"),
             body_idle_timeout: config.body_idle_timeout,
+            upload_pace: nxcache_http::UploadPace {
+                min_rate: config.upload_min_rate,
+                grace: config.upload_rate_grace,
+                deadline: config.upload_deadline,
+            },
+            metrics_token: config
+                .metrics_token
+                .as_ref()
+                .map(|t| nxcache_auth::Digest::of(t.expose())),
+            protocols: nxcache_http::ProtocolMounts {
+                bazel: config.bazel_path.clone(),
+                gradle: config.gradle_path.clone(),
+                ccache: config.ccache_path.clone(),
+                turbo: config.turborepo,
+            },
         }),
         metrics: HttpMetrics::register(&registry)?,
-        registry,
+        registry: registry.clone(),
         readiness: readiness.clone(),
-        uploads: nxcache_http::UploadSlots::new(config.max_concurrent_uploads),
+        uploads: nxcache_http::UploadSlots::new(
+            config.max_concurrent_uploads,
+            config.max_uploads_per_token,
+        ),
     };
     let router = nxcache_http::router(state);
+    let listener_metrics = crate::listener::ListenerMetrics::register(&registry)?;
     let serving = tokio::spawn(serve(
         listener,
         router,
@@ -452,8 +486,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         ListenerConfig {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout,
+            first_byte_timeout: config.first_byte_timeout,
+            send_timeout: config.send_timeout,
             shutdown_timeout: config.shutdown_timeout,
         },
+        listener_metrics,
         stop_rx.clone(),
     ));
     {
@@ -471,6 +508,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 })
                 .await
         }));
+    }
+    {
+        let (store, readiness, mut stop_rx) = (store.clone(), readiness.clone(), stop_rx.clone());
+        workers.push(tokio::spawn(nxcache_http::run_readiness_checks(
+            store,
+            readiness,
+            writable,
+            nxcache_http::READINESS_CHECK_EVERY,
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        )));
     }
     workers.extend(data.spawn_workers(
         nxcache_replication::WorkerConfig {

@@ -300,22 +300,23 @@ fn a_node_refuses_the_shipped_placeholders_and_short_tokens() {
             "change-me-to-a-long-random-cluster-secret",
         ),
     ] {
-        let out = std::process::Command::new(nxcache_tests::nxcache_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env_remove("NXCACHE_READ_WRITE_TOKENS")
-            .env_remove("NXCACHE_ADMIN_TOKENS")
-            .env_remove("NXCACHE_CLUSTER_SECRET")
-            .env(variable, value)
-            .output()
-            .unwrap();
+        let out = nxcache_tests::output_within(
+            std::process::Command::new(nxcache_tests::nxcache_bin())
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                ])
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .env_remove("NXCACHE_READ_WRITE_TOKENS")
+                .env_remove("NXCACHE_ADMIN_TOKENS")
+                .env_remove("NXCACHE_CLUSTER_SECRET")
+                .env(variable, value),
+            nxcache_tests::PATIENCE,
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{variable}: started");
         assert!(
@@ -458,4 +459,111 @@ fn log_lines_of(log: &std::path::Path, action: &str) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|l| l["action"] == action)
         .collect()
+}
+
+#[test]
+fn the_admin_cli_speaks_https_with_a_token_from_the_environment_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = nxcache_tests::self_signed_cert(dir.path());
+    let node = nxcache_tests::NodeProcess::start(
+        &dir.path().join("node"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[("NXCACHE_ADMIN_TOKENS", ADMIN_TOKEN)],
+    );
+    assert!(node.url.starts_with("https://"), "{}", node.url);
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(nxcache_tests::nxcache_bin());
+        cmd.args(["admin", "--server", &node.url])
+            .args(extra)
+            .args(["status", "--json"])
+            .env_remove("NXCACHE_ADMIN_TOKEN")
+            .env_remove("NXCACHE_ADMIN_TOKENS")
+            .env_remove("NXCACHE_ADMIN_CA_CERT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = nxcache_tests::output_within(&mut cmd, nxcache_tests::PATIENCE);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let ca = cert.to_str().unwrap();
+    let file = token_file.to_str().unwrap();
+    // The CA given, the token from the environment or from a file: answered.
+    let (ok, out) = run(&["--ca-cert", ca], &[("NXCACHE_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    assert!(ok && out.contains("\"node_id\""), "{out}");
+    let (ok, out) = run(&["--ca-cert", ca, "--token-file", file], &[]);
+    assert!(ok && out.contains("\"node_id\""), "{out}");
+    let (ok, out) = run(
+        &[],
+        &[
+            ("NXCACHE_ADMIN_CA_CERT", ca),
+            ("NXCACHE_ADMIN_TOKEN_FILE", file),
+        ],
+    );
+    assert!(ok && out.contains("\"node_id\""), "{out}");
+    // Without the CA the self-signed certificate is not trusted; without a token the CLI
+    // says where to put one.
+    let (ok, out) = run(&["--token-file", file], &[]);
+    assert!(!ok && out.contains("cannot reach"), "{out}");
+    let (ok, out) = run(&["--ca-cert", ca], &[]);
+    assert!(!ok && out.contains("NXCACHE_ADMIN_TOKEN"), "{out}");
+    // The admin token never went on a command line here.
+    assert!(!out.contains(ADMIN_TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_message_beyond_the_blobs_limit_is_refused_before_it_is_decoded() {
+    use nxcache_rpc::pb::HeadRequest;
+    use nxcache_rpc::pb::blobs_client::BlobsClient;
+    let cluster = ProcessCluster::start(1);
+    let grpc = format!("http://127.0.0.1:{}", cluster.grpc_ports[0]);
+    let channel = tonic::transport::Endpoint::from_shared(grpc)
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let secret = ClusterSecret::new(CLUSTER_SECRET).unwrap();
+    let status = nxcache_tests::admin_status(&cluster.nodes[0].url).unwrap();
+    secret
+        .cluster_id()
+        .set(status["cluster_id"].as_str().unwrap())
+        .unwrap();
+    let mut client = BlobsClient::with_interceptor(channel, secret.client_interceptor())
+        .max_encoding_message_size(64 << 20);
+    // Within the limit: answered (a key that long is simply not valid).
+    let small = client
+        .head(HeadRequest {
+            key: "x".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(small.code(), tonic::Code::InvalidArgument, "{small:?}");
+    // 3 MiB: under tonic's default 4 MiB, over the limit set on purpose.
+    let big = client
+        .head(HeadRequest {
+            key: "x".repeat(3 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            big.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{big:?}"
+    );
 }

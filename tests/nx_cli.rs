@@ -5,7 +5,6 @@
 //! run by `.ci/run` with `--ignored`.
 
 use std::path::Path;
-use std::process::Command;
 
 use nxcache_tests::nx::{PROJECTS, Workspace, nx_node_modules, restored_from_remote};
 use nxcache_tests::{NodeProcess, RO_TOKEN, RW_TOKEN, metric, metrics_page};
@@ -96,31 +95,7 @@ async fn contract_with_real_nx(version: &str, url: &str) {
 async fn tls_and_base_path_with_real_nx(version: &str) {
     let modules = nx_node_modules(version);
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let (cert, key) = nxcache_tests::self_signed_cert(dir.path());
     let node = serve(
         dir.path(),
         &[

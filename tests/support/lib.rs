@@ -375,12 +375,14 @@ impl ProcessCluster {
     }
 }
 
-/// Runs `nxcache admin --server URL --token ADMIN_TOKEN ARGS...`; returns (success, stdout+stderr).
+/// Runs `nxcache admin --server URL ARGS...` with ADMIN_TOKEN in `NXCACHE_ADMIN_TOKEN`;
+/// returns (success, stdout+stderr).
 pub fn admin(server: &str, args: &[&str]) -> (bool, String) {
     let out = output_within(
         Command::new(nxcache_bin())
             .arg("admin")
-            .args(["--server", server, "--token", ADMIN_TOKEN])
+            .args(["--server", server])
+            .env("NXCACHE_ADMIN_TOKEN", ADMIN_TOKEN)
             .args(args),
         Duration::from_secs(120),
     );
@@ -762,4 +764,38 @@ impl NodeProcess {
         self.child = None;
         Some(status)
     }
+}
+
+/// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem` in `dir`), made with
+/// openssl, for nodes serving HTTPS.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = output_within(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            // A server certificate, not a CA (rustls refuses a CA as the server's own).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        PATIENCE,
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    (cert, key)
 }

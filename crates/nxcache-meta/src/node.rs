@@ -33,6 +33,14 @@ use crate::service::{MembershipService, RaftService};
 use crate::state_machine::{AppliedState, SledStateMachine, StateStore};
 use crate::types::{ClusterSettings, MemberNode, MemberState, NodeId, Raft, RingSpec, TokenRecord};
 
+/// Streams (calls in progress) one peer connection may hold; more wait. Above the
+/// uploads a node takes at once (each replicated over the connection) and its workers.
+const GRPC_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// The gRPC server pings a connection idle this long, and closes it when a ping is not
+/// answered within [`GRPC_KEEPALIVE_TIMEOUT`] (a peer gone without closing).
+const GRPC_KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("no Raft leader is known yet; retry in a moment")]
@@ -453,7 +461,15 @@ impl MetaNode {
             Some(add) => add(routes, interceptor_for_peers),
             None => routes,
         };
-        let mut builder = tonic::transport::Server::builder();
+        // Limits set on purpose: what one peer connection may hold at once (streams and
+        // calls in progress: above the uploads a node takes at once, each replicated
+        // over it), and keep-alive so a peer that vanished without a FIN is noticed.
+        let mut builder = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(GRPC_MAX_STREAMS_PER_CONNECTION))
+            .concurrency_limit_per_connection(GRPC_MAX_STREAMS_PER_CONNECTION as usize)
+            .http2_keepalive_interval(Some(GRPC_KEEPALIVE_EVERY))
+            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+            .tcp_keepalive(Some(GRPC_KEEPALIVE_EVERY));
         if let Some(tls) = tls {
             builder = builder
                 .tls_config(tls.server_config())

@@ -116,7 +116,9 @@ impl BlobClient {
             nxcache_rpc::channel(grpc_addr, tls).map_err(|e| Status::unavailable(e.to_string()))?;
         let channel = metrics.instrument(peer, channel);
         Ok(BlobClient {
-            client: BlobsClient::with_interceptor(channel, secret.client_interceptor()),
+            client: BlobsClient::with_interceptor(channel, secret.client_interceptor())
+                .max_decoding_message_size(crate::MAX_BLOB_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::MAX_BLOB_MESSAGE_BYTES),
         })
     }
 

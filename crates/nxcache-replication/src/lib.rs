@@ -48,3 +48,11 @@ pub use workers::{WorkerConfig, WorkerReport};
 
 /// Size of the data chunks sent between nodes.
 pub const CHUNK_SIZE: usize = 256 * 1024;
+
+/// Largest message of the Blobs service, set on its server and its clients. The largest
+/// legitimate ones are a data chunk ([`CHUNK_SIZE`] and a header) and a page of
+/// [`MAX_PAGE`] or a batch of [`MAX_BATCH`] keys with their metadata (a key is at most
+/// 128 characters of hash and a 40-character namespace: well under 1 MiB a page), so
+/// 2 MiB leaves room while a peer, or whoever holds the cluster secret, cannot make a
+/// node buffer more for one message.
+pub const MAX_BLOB_MESSAGE_BYTES: usize = 2 << 20;

@@ -13,10 +13,18 @@ pub struct AdminArgs {
         default_value = "http://127.0.0.1:3000"
     )]
     pub server: String,
-    /// A token with the admin scope [default: the first of NXCACHE_ADMIN_TOKENS, so
-    /// `nxcache admin` works inside a node's container]
+    /// A token with the admin scope. Prefer the variable or --token-file: flags show in
+    /// `ps` [default: the first of NXCACHE_ADMIN_TOKENS, so `nxcache admin` works inside a
+    /// node's container]
     #[arg(long, env = "NXCACHE_ADMIN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the admin token (its first line; wins over NXCACHE_ADMIN_TOKEN).
+    #[arg(long, env = "NXCACHE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA (or certificate) to trust for an https:// server, besides the
+    /// system's roots (a node with a self-signed --tls-cert).
+    #[arg(long, env = "NXCACHE_ADMIN_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     pub json: bool,
@@ -192,8 +200,22 @@ fn print_members(members: &[MemberView]) {
     }
 }
 
-/// `--token`, else the first token of a node's own `NXCACHE_ADMIN_TOKENS`.
-fn admin_token(given: Option<String>, node_tokens: Option<String>) -> anyhow::Result<String> {
+/// The token in `--token-file`, else `--token` (NXCACHE_ADMIN_TOKEN), else the first token
+/// of a node's own `NXCACHE_ADMIN_TOKENS`.
+fn admin_token(
+    file: Option<&std::path::Path>,
+    given: Option<String>,
+    node_tokens: Option<String>,
+) -> anyhow::Result<String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        let token = text.lines().next().unwrap_or_default().trim();
+        if token.is_empty() {
+            bail!("the token file {} is empty", path.display());
+        }
+        return Ok(token.to_owned());
+    }
     given
         .or_else(|| {
             node_tokens?
@@ -202,16 +224,58 @@ fn admin_token(given: Option<String>, node_tokens: Option<String>) -> anyhow::Re
                 .find(|t| !t.is_empty())
                 .map(str::to_owned)
         })
-        .context("no admin token: pass --token or set NXCACHE_ADMIN_TOKEN")
+        .context("no admin token: set NXCACHE_ADMIN_TOKEN or pass --token-file FILE")
+}
+
+/// The HTTP client: HTTPS with the system's roots, plus `--ca-cert`'s.
+fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .use_rustls_tls()
+        .https_only(false);
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", path.display());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder.build()?)
+}
+
+/// A warning when the token would cross the network in clear text.
+fn cleartext_warning(server: &str) -> Option<String> {
+    let url = reqwest::Url::parse(server).ok()?;
+    let host = url.host_str()?;
+    let local = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (url.scheme() == "http" && !local).then(|| {
+        format!(
+            "warning: {server} is plain HTTP: the admin token crosses the network unencrypted (serve HTTPS with --tls-cert and use https://, with --ca-cert for a private CA)"
+        )
+    })
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    if let Some(warning) = cleartext_warning(&args.server) {
+        eprintln!("{warning}");
+    }
     let client = Client {
-        http: reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()?,
+        http: http_client(args.ca_cert.as_deref())?,
         base: args.server.trim_end_matches('/').to_owned(),
-        token: admin_token(args.token, std::env::var("NXCACHE_ADMIN_TOKENS").ok())?,
+        token: admin_token(
+            args.token_file.as_deref(),
+            args.token,
+            std::env::var("NXCACHE_ADMIN_TOKENS").ok(),
+        )?,
     };
     use reqwest::Method;
     match args.command {
@@ -373,7 +437,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{admin_token, parse_quorum};
+    use super::{admin_token, cleartext_warning, parse_quorum};
 
     #[test]
     fn a_write_quorum_is_a_number_or_majority() {
@@ -387,14 +451,39 @@ mod tests {
     fn the_token_comes_from_the_flag_else_from_the_nodes_admin_tokens() {
         let env = Some(" , first,second".to_owned());
         assert_eq!(
-            admin_token(Some("flag".into()), env.clone()).unwrap(),
+            admin_token(None, Some("flag".into()), env.clone()).unwrap(),
             "flag"
         );
-        assert_eq!(admin_token(None, env).unwrap(), "first");
-        let err = admin_token(None, Some(" ,".into()))
+        assert_eq!(admin_token(None, None, env.clone()).unwrap(), "first");
+        let err = admin_token(None, None, Some(" ,".into()))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--token"), "{err}");
-        assert!(admin_token(None, None).is_err());
+        assert!(err.contains("NXCACHE_ADMIN_TOKEN"), "{err}");
+        assert!(err.contains("--token-file"), "{err}");
+        assert!(admin_token(None, None, None).is_err());
+        // A token file wins, its first line trimmed; an empty one is an error.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  from-file-token \nignored\n").unwrap();
+        assert_eq!(
+            admin_token(Some(&file), Some("flag".into()), env.clone()).unwrap(),
+            "from-file-token"
+        );
+        std::fs::write(&file, "\n").unwrap();
+        assert!(admin_token(Some(&file), None, env).is_err());
+    }
+
+    #[test]
+    fn plain_http_to_another_host_is_warned_about() {
+        assert!(cleartext_warning("http://cache.example.com:3000").is_some());
+        assert!(cleartext_warning("http://10.0.0.5:3000").is_some());
+        for quiet in [
+            "https://cache.example.com",
+            "http://127.0.0.1:3000",
+            "http://localhost:3000",
+            "http://[::1]:3000",
+        ] {
+            assert!(cleartext_warning(quiet).is_none(), "{quiet}");
+        }
     }
 }

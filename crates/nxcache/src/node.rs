@@ -377,12 +377,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             faults: Faults::default(),
             // Peers read this node's artifacts through the same gRPC server.
             peer_services: Some(Box::new(move |routes, secret_check| {
-                routes.add_service(
-                    nxcache_rpc::pb::blobs_server::BlobsServer::with_interceptor(
-                        blobs_for_peers,
-                        secret_check,
-                    ),
-                )
+                routes.add_service(tonic::service::interceptor::InterceptedService::new(
+                    nxcache_rpc::pb::blobs_server::BlobsServer::new(blobs_for_peers)
+                        .max_decoding_message_size(nxcache_replication::MAX_BLOB_MESSAGE_BYTES)
+                        .max_encoding_message_size(nxcache_replication::MAX_BLOB_MESSAGE_BYTES),
+                    secret_check,
+                ))
             })),
         },
         grpc_listener,

@@ -59,15 +59,21 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "mounts a tmpfs (needs root); run by .ci/run"]
-async fn a_full_disk_answers_507_keeps_serving_reads_and_recovers() {
+/// A node whose data dir is on a 24 MiB tmpfs, with a budget far beyond it (the disk
+/// fills first).
+async fn node_on_a_small_fs() -> (SmallFs, PathBuf, nxcache::RunningNode) {
     let fs = SmallFs::mount("24m");
     let data = fs.path().join("data");
     let mut config = test_config(&data);
-    // A budget far beyond the file system: the disk fills first.
     config.max_disk_usage = 1 << 30;
     let node = nxcache::start(config).await.unwrap();
+    (fs, data, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "mounts a tmpfs (needs root); run by .ci/run"]
+async fn a_full_disk_answers_507_keeps_serving_reads_and_recovers() {
+    let (fs, data, node) = node_on_a_small_fs().await;
     let url = node.base_url();
     let http = nxcache_tests::http_client();
 
@@ -164,11 +170,7 @@ fn fill_up(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "mounts a tmpfs (needs root); run by .ci/run"]
 async fn a_full_disk_leaves_the_metadata_log_room_to_write() {
-    let fs = SmallFs::mount("24m");
-    let data = fs.path().join("data");
-    let mut config = test_config(&data);
-    config.max_disk_usage = 1 << 30;
-    let node = nxcache::start(config).await.unwrap();
+    let (fs, _data, node) = node_on_a_small_fs().await;
     let url = node.base_url();
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))

@@ -72,12 +72,18 @@ impl DataPlane {
     /// The artifact from this node when it holds it, otherwise from the best replica.
     pub async fn get(&self, key: &BlobKey) -> Result<Option<Artifact>, GetError> {
         let view = self.view();
-        let local = self
-            .inner
-            .store
-            .read(key)
-            .instrument(tracing::info_span!("store_read"))
-            .await;
+        // A copy that a write in progress here may still withdraw is not served: the
+        // other owners answer (with the body that wins, or nothing yet).
+        let undecided = !view.is_lone() && self.is_undecided(key);
+        let local = if undecided {
+            Ok(None)
+        } else {
+            self.inner
+                .store
+                .read(key)
+                .instrument(tracing::info_span!("store_read"))
+                .await
+        };
         match local {
             Ok(Some(read)) => {
                 if !view.is_lone() {
@@ -102,7 +108,11 @@ impl DataPlane {
         }
         let owners = view.owners(key.as_str());
         // Owners that should have had it (this node included) get it back afterwards.
-        let mut lacking: Vec<NodeId> = owners.iter().copied().filter(|o| *o == view.me).collect();
+        let mut lacking: Vec<NodeId> = owners
+            .iter()
+            .copied()
+            .filter(|o| *o == view.me && !undecided)
+            .collect();
         let mut order: Vec<NodeId> = owners.iter().copied().filter(|o| *o != view.me).collect();
         if let Some(previous) = &view.previous {
             for o in previous.owners(key.as_str()) {
@@ -183,8 +193,10 @@ impl DataPlane {
     /// Size of the artifact, wherever a replica holds it.
     pub async fn head(&self, key: &BlobKey) -> Result<Option<u64>, GetError> {
         let view = self.view();
+        let undecided = !view.is_lone() && self.is_undecided(key);
         match self.inner.store.head(key) {
-            Ok(Some(meta)) => return Ok(Some(meta.size)),
+            Ok(Some(meta)) if !undecided => return Ok(Some(meta.size)),
+            Ok(Some(_)) => {}
             Ok(None) => {}
             Err(err) if view.is_lone() => return Err(GetError::Store(err)),
             Err(err) => tracing::error!(%err, "index lookup failed; asking the replicas"),

@@ -51,6 +51,9 @@ pub(crate) struct Inner {
     pub handoff_wake: tokio::sync::Notify,
     /// Where hand-off resumes in each owner's hints (round robin within an owner too).
     pub hint_cursors: Mutex<HashMap<NodeId, BlobKey>>,
+    /// Keys this node coordinates a write of whose outcome is not known yet, with how
+    /// many: its local copy may still be withdrawn, so reads here do not serve it.
+    pub undecided: Mutex<HashMap<BlobKey, usize>>,
 }
 
 /// `step`, or an error when it takes longer than [`REPLICA_STALL_TIMEOUT`].
@@ -96,6 +99,7 @@ impl DataPlane {
                 workers: Mutex::new(BTreeMap::new()),
                 handoff_wake: tokio::sync::Notify::new(),
                 hint_cursors: Mutex::new(HashMap::new()),
+                undecided: Mutex::new(HashMap::new()),
             }),
         };
         // Evictions are passed on to the other owners (see `owner_sync.rs`); the

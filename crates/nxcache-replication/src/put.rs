@@ -62,6 +62,59 @@ pub struct Upload {
     owners: Vec<NodeId>,
     /// Every node this write was sent to (this one included when it writes locally).
     sent_to: Vec<NodeId>,
+    /// Marks the key undecided here while this write's local copy may be withdrawn.
+    _undecided: Option<Undecided>,
+}
+
+/// While it lives, reads through this node do not serve its local copy of `key` (see
+/// [`DataPlane::is_undecided`]): a write that loses to another body withdraws that copy,
+/// and until then a reader would get bytes that were never acknowledged.
+struct Undecided {
+    plane: DataPlane,
+    key: BlobKey,
+}
+
+impl Undecided {
+    fn mark(plane: &DataPlane, key: &BlobKey) -> Undecided {
+        let mut undecided = plane
+            .inner
+            .undecided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *undecided.entry(key.clone()).or_default() += 1;
+        Undecided {
+            plane: plane.clone(),
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for Undecided {
+    fn drop(&mut self) {
+        let mut undecided = self
+            .plane
+            .inner
+            .undecided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = undecided.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                undecided.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl DataPlane {
+    /// Whether this node coordinates a write of `key` that may still be withdrawn.
+    pub(crate) fn is_undecided(&self, key: &BlobKey) -> bool {
+        self.inner
+            .undecided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(key)
+    }
 }
 
 /// What one target did with the write.
@@ -122,6 +175,7 @@ impl DataPlane {
             remotes: Vec::new(),
             owners: owners.clone(),
             sent_to: Vec::new(),
+            _undecided: None,
         };
         if view.is_lone() || owners == [view.me] && view.ring.replicas() == 1 {
             let writer = self.local_writer(key, len, upload.version).await?;
@@ -162,6 +216,7 @@ impl DataPlane {
                     Ok(writer) => {
                         upload.local = Some(writer);
                         upload.sent_to.push(target);
+                        upload._undecided = Some(Undecided::mark(self, &key));
                     }
                     // This node holds the key: it is taken, whatever the other owners say.
                     Err(PutError::Exists) => {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use nxcache_placement::{Member, Ring};
 use nxcache_replication::{
-    BlobClient, BlobService, ClusterView, DataPlane, DegradedPolicy, FixedTopology, HintLog, Peers,
-    Purpose, PutAnswer, PutError, ReplicationMetrics,
+    ArtifactBody, BlobClient, BlobService, ClusterView, DataPlane, DegradedPolicy, FixedTopology,
+    HintLog, Peers, Purpose, PutAnswer, PutError, ReplicationMetrics,
 };
 use nxcache_rpc::ClusterSecret;
 use nxcache_rpc::pb::blobs_server::BlobsServer;
@@ -609,4 +609,46 @@ async fn a_losing_write_withdraws_its_copy_from_an_owner_that_received_it_meanwh
         None,
         "the losing write left its copy on an owner that got it while the write waited"
     );
+}
+
+#[tokio::test]
+async fn a_write_in_progress_is_not_served_by_its_coordinator_before_it_is_decided() {
+    // Owners 1, 2, 3, quorum 2; node 3 never answers, so a write through node 1 waits
+    // for it before it concludes.
+    let cluster = Cluster::start(Setup {
+        silent: vec![3],
+        ..Setup::default()
+    })
+    .await;
+    let (one, two) = (cluster.node(1), cluster.node(2));
+    // Node 2 holds the body acknowledged earlier: the write through node 1 is going to
+    // lose (409) and withdraw its copy.
+    let acknowledged = body(20_000, 9);
+    put_copy(&two.store, "92", &acknowledged, Version::new()).await;
+    let plane = one.plane.clone();
+    let writer = tokio::spawn(async move { write(&plane, "92", &body(20_000, 10)).await });
+    until_held(one, "92").await;
+    assert!(!writer.is_finished(), "the test needs the write undecided");
+    // While undecided, a read through node 1 gets the acknowledged body, not its own copy.
+    let read = one
+        .plane
+        .get(&key("92"))
+        .await
+        .unwrap()
+        .expect("the acknowledged body is served");
+    let bytes = match read.body {
+        ArtifactBody::Verified(b) => b.to_vec(),
+        ArtifactBody::Stream(mut s) => {
+            let mut out = Vec::new();
+            while let Some(chunk) = futures_util::StreamExt::next(&mut s).await {
+                out.extend_from_slice(&chunk.unwrap());
+            }
+            out
+        }
+    };
+    assert!(
+        bytes == acknowledged,
+        "node 1 served its undecided copy (or other bytes)"
+    );
+    assert!(matches!(writer.await.unwrap(), Err(PutError::Exists)));
 }

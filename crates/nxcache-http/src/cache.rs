@@ -441,44 +441,67 @@ pub(crate) async fn get_artifact(
 ) -> Result<Response, ApiError> {
     let principal = authorize(&state, &headers, Access::Read)?;
     let key = parse_key(path)?;
-    // The response holds its share of the send memory until it is sent (or its client
-    // is cut). The largest share is taken before the artifact is read, so that reads
-    // waiting for room hold nothing; what the body does not need is given back.
-    let mut memory = match state.send_memory.try_take(MAX_SEND_SHARE) {
-        Some(memory) => memory,
-        None => {
-            state.metrics.send_memory_waits.inc();
-            let waited =
-                tokio::time::timeout(SEND_MEMORY_WAIT, state.send_memory.take(MAX_SEND_SHARE));
-            let Ok(memory) = waited.await else {
-                tracing::warn!(key = %key, "no send memory free for a download (clients not reading?); answering as a miss");
-                state.metrics.send_memory_misses.inc();
-                return Ok(miss(&state, &key));
-            };
-            memory
-        }
+    let Some(memory) = send_memory_share(&state, &key.to_string()).await else {
+        return Ok(miss(&state, &key));
     };
     let artifact = match find_artifact(&state, &principal, &key).await? {
         Ok(artifact) => artifact,
         Err(answer) => return Ok(answer),
     };
+    hit(&state, artifact.remote);
+    state.metrics.sent(Protocol::Nx, artifact.size);
+    let size = artifact.size;
+    let body = bounded_body(&state, artifact, memory);
+    Ok(artifact_response(body, size))
+}
+
+/// A download's share of the send memory, held until its body is sent (or its client is
+/// cut). The largest share is taken before the artifact is read, so that reads waiting
+/// for room hold nothing. `None` when no room came free in time: the caller answers a
+/// miss (every client of this cache rebuilds on a miss, and fails on an error).
+pub(crate) async fn send_memory_share(
+    state: &ApiState,
+    what: &str,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Some(memory) = state.send_memory.try_take(MAX_SEND_SHARE) {
+        return Some(memory);
+    }
+    state.metrics.send_memory_waits.inc();
+    let waited = tokio::time::timeout(SEND_MEMORY_WAIT, state.send_memory.take(MAX_SEND_SHARE));
+    match waited.await {
+        Ok(memory) => Some(memory),
+        Err(_) => {
+            tracing::warn!(
+                key = what,
+                "no send memory free for a download (clients not reading?); answering as a miss"
+            );
+            state.metrics.send_memory_misses.inc();
+            None
+        }
+    }
+}
+
+/// The body of a download that keeps `memory` (what it needs of it; the rest is given
+/// back now) until it is sent or dropped.
+pub(crate) fn bounded_body(
+    state: &ApiState,
+    artifact: Artifact,
+    mut memory: tokio::sync::OwnedSemaphorePermit,
+) -> Body {
     drop(
         state
             .send_memory
             .give_back(&mut memory, send_memory_of(&artifact)),
     );
-    hit(&state, artifact.remote);
-    state.metrics.sent(Protocol::Nx, artifact.size);
     let body = match artifact.body {
         ArtifactBody::Verified(bytes) => Body::from_stream(in_copied_chunks(bytes)),
         ArtifactBody::Stream(stream) => Body::from_stream(stream),
     };
     // Dropped with the body: once it is sent, or the connection is gone.
-    let body = Body::new(body.map_frame(move |frame| {
+    Body::new(body.map_frame(move |frame| {
         let _memory = &memory;
         frame
-    }));
-    Ok(artifact_response(body, artifact.size))
+    }))
 }
 
 /// Size of the pieces an artifact held in memory is sent in.

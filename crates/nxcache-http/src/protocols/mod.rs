@@ -21,10 +21,14 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use nxcache_auth::{Access, Principal};
 use nxcache_replication::{Artifact, ArtifactBody, GetError};
 use nxcache_store::BlobKey;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::ApiState;
-use crate::cache::{Stored, Upload, artifact_response, content_length, store_body, unavailable};
+use crate::cache::{
+    Stored, Upload, artifact_response, bounded_body, content_length, send_memory_share, store_body,
+    unavailable,
+};
 use crate::error::ApiError;
 
 /// A client protocol: a label in metrics and traces and, but for Nx, a key space.
@@ -291,20 +295,59 @@ pub(crate) async fn find(
 
 /// A 200 with the artifact (GET) or its size (HEAD), or a 404.
 pub(crate) fn found_response(
+    state: &ApiState,
     protocol: Protocol,
     hash: &str,
     artifact: Option<Artifact>,
+    memory: Option<OwnedSemaphorePermit>,
 ) -> Response {
     match artifact {
-        Some(artifact) => artifact_response(body_of(artifact.body), artifact.size),
+        Some(artifact) => {
+            let size = artifact.size;
+            artifact_response(artifact_body(state, artifact, memory), size)
+        }
         None => not_found(protocol, hash),
     }
 }
 
-pub(crate) fn body_of(body: ArtifactBody) -> Body {
-    match body {
-        ArtifactBody::Verified(bytes) => Body::from(bytes),
-        ArtifactBody::Stream(stream) => Body::from_stream(stream),
+/// The share of the send memory a GET of `hash` holds while its body is sent (none for
+/// HEAD); the answer is a miss when none comes free in time (clients not reading).
+pub(crate) async fn download_share(
+    state: &ApiState,
+    protocol: Protocol,
+    hash: &str,
+    with_body: bool,
+) -> Result<Option<OwnedSemaphorePermit>, Response> {
+    if !with_body {
+        return Ok(None);
+    }
+    match send_memory_share(state, hash).await {
+        Some(memory) => Ok(Some(memory)),
+        None => {
+            state.metrics.miss(protocol);
+            Err(not_found(protocol, hash))
+        }
+    }
+}
+
+/// The artifact's body, bounded by `memory` when it is sent (GET).
+pub(crate) fn artifact_body(
+    state: &ApiState,
+    artifact: Artifact,
+    memory: Option<OwnedSemaphorePermit>,
+) -> Body {
+    match (memory, artifact.body) {
+        (Some(memory), body) => bounded_body(
+            state,
+            Artifact {
+                size: artifact.size,
+                body,
+                remote: artifact.remote,
+            },
+            memory,
+        ),
+        (None, ArtifactBody::Verified(bytes)) => Body::from(bytes),
+        (None, ArtifactBody::Stream(stream)) => Body::from_stream(stream),
     }
 }
 
@@ -380,8 +423,19 @@ pub(crate) async fn serve(
     let Target { hash, sha256 } = target()?;
     if access == Access::Read {
         let namespaces = principal.read_namespaces();
-        let found = find(state, protocol, &namespaces, &hash, method == Method::GET).await?;
-        return Ok(found_response(protocol, &hash, found.map(|(_, a)| a)));
+        let with_body = method == Method::GET;
+        let memory = match download_share(state, protocol, &hash, with_body).await {
+            Ok(memory) => memory,
+            Err(miss) => return Ok(miss),
+        };
+        let found = find(state, protocol, &namespaces, &hash, with_body).await?;
+        return Ok(found_response(
+            state,
+            protocol,
+            &hash,
+            found.map(|(_, a)| a),
+            memory,
+        ));
     }
     put(state, &principal, protocol, &hash, headers, body, sha256).await?;
     Ok(StatusCode::OK.into_response())

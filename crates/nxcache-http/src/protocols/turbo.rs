@@ -21,7 +21,7 @@ use nxcache_auth::{Access, Principal};
 use nxcache_replication::ArtifactBody;
 use serde::{Deserialize, Serialize};
 
-use super::{Protocol, authorize, body_of, find, key_in, not_found};
+use super::{Protocol, artifact_body, authorize, download_share, find, key_in, not_found};
 use crate::ApiState;
 use crate::cache::{Stored, Upload, artifact_response, store_body};
 use crate::error::ApiError;
@@ -227,10 +227,15 @@ async fn read(
 ) -> Result<Response, ApiError> {
     let principal = authorize(&state, &headers, TURBO, Access::Read)?;
     let team = team(query)?;
+    let memory = match download_share(&state, TURBO, &hash, with_body).await {
+        Ok(memory) => memory,
+        Err(miss) => return Ok(miss),
+    };
     match lookup(&state, &principal, team.as_deref(), &hash, with_body).await? {
         Some((namespace, artifact)) => {
             let meta = load_meta(&state, &namespace, &hash).await;
-            let response = artifact_response(body_of(artifact.body), artifact.size);
+            let size = artifact.size;
+            let response = artifact_response(artifact_body(&state, artifact, memory), size);
             Ok(with_meta(response, &meta))
         }
         None => Ok(not_found(TURBO, &hash)),

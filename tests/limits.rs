@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use nxcache_tests::{
-    NodeProcess, RW_TOKEN, get, holds_on_disk, http_client, metric_sum, metrics_page, put,
-    random_bytes, wait_until,
+    NodeProcess, RW_TOKEN, get, holds_on_disk, http_client, metric_sum_if_present, metrics_page,
+    put, random_bytes, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,11 +33,12 @@ async fn an_artifact_not_read_for_longer_than_the_ttl_becomes_a_miss() {
         || {
             let url = node.url.clone();
             async move {
-                metric_sum(
+                metric_sum_if_present(
                     &metrics_page(&url).await,
                     "nxcache_store_evictions_total",
                     &[r#"reason="ttl""#],
-                ) >= 1.0
+                )
+                .is_some_and(|evicted| evicted >= 1.0)
             }
         },
     )

@@ -1,5 +1,7 @@
 //! Helpers shared by the tests of several crates. Never a dependency of shipped code.
 
+pub mod pki;
+
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
 

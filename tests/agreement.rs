@@ -4,10 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use nxcache_store::BlobKey;
-use nxcache_tests::{InProcessCluster, get, put, random_bytes, wait_until};
+use nxcache_tests::{InProcessCluster, PATIENCE, get, put, random_bytes, wait_until};
 
 fn key(hash: &str) -> BlobKey {
     BlobKey::parse(hash).unwrap()
@@ -27,7 +26,7 @@ fn copies(cluster: &InProcessCluster, hash: &str) -> Vec<(usize, Option<[u8; 16]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_writers_of_different_bytes_never_both_succeed_and_nodes_agree() {
     let cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let (a, b) = (cluster.url(0), cluster.url(1));
     let mut tasks = Vec::new();
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
@@ -88,39 +87,31 @@ async fn two_writers_of_different_bytes_never_both_succeed_and_nodes_agree() {
         }
     }
     let expected = |body: &Vec<u8>| nxcache_store::checksum_of(body);
-    wait_until(
-        Duration::from_secs(60),
-        "every owner holds the winner's bytes",
-        || {
-            let agreed = winners.iter().all(|(hash, body)| {
-                copies(&cluster, hash)
-                    .iter()
-                    .all(|(_, sum)| *sum == Some(expected(body)))
-            });
-            async move { agreed }
-        },
-    )
+    wait_until(PATIENCE, "every owner holds the winner's bytes", || {
+        let agreed = winners.iter().all(|(hash, body)| {
+            copies(&cluster, hash)
+                .iter()
+                .all(|(_, sum)| *sum == Some(expected(body)))
+        });
+        async move { agreed }
+    })
     .await;
     // Where neither write was acknowledged, the owners still agree (on one body, or on
     // nothing).
-    wait_until(
-        Duration::from_secs(60),
-        "owners agree on refused keys",
-        || {
-            let agreed = neither.iter().all(|hash| {
-                let sums: Vec<_> = copies(&cluster, hash).into_iter().map(|(_, s)| s).collect();
-                sums.iter().all(|s| *s == sums[0])
-            });
-            async move { agreed }
-        },
-    )
+    wait_until(PATIENCE, "owners agree on refused keys", || {
+        let agreed = neither.iter().all(|hash| {
+            let sums: Vec<_> = copies(&cluster, hash).into_iter().map(|(_, s)| s).collect();
+            sums.iter().all(|s| *s == sums[0])
+        });
+        async move { agreed }
+    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_sides_of_a_partition_acknowledge_then_converge_to_the_body_the_rule_picks() {
     let cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let urls: Vec<String> = (0..3).map(|i| cluster.url(i)).collect();
     // Node 0 alone on one side, nodes 1 and 2 on the other. Under `serve` both sides
     // accept a write of the same hash with different bytes (availability first).
@@ -160,19 +151,15 @@ async fn both_sides_of_a_partition_acknowledge_then_converge_to_the_body_the_rul
     // Two owners against one: the pair's body, whatever the clocks say.
     assert_eq!(want_8100, nxcache_store::checksum_of(&pair));
     cluster.heal_data();
-    wait_until(
-        Duration::from_secs(90),
-        "every owner holds the rule's body",
-        || {
-            let done = copies(&cluster, "8100")
+    wait_until(PATIENCE, "every owner holds the rule's body", || {
+        let done = copies(&cluster, "8100")
+            .iter()
+            .all(|(_, s)| *s == Some(want_8100))
+            && copies(&cluster, "8200")
                 .iter()
-                .all(|(_, s)| *s == Some(want_8100))
-                && copies(&cluster, "8200")
-                    .iter()
-                    .all(|(_, s)| *s == Some(want_8200));
-            async move { done }
-        },
-    )
+                .all(|(_, s)| *s == Some(want_8200));
+        async move { done }
+    })
     .await;
     for url in &urls {
         let (status, got) = get(&client, url, "8100").await;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use nxcache_tests::nx::{PROJECTS, Workspace, nx_node_modules, restored_from_remote};
 use nxcache_tests::{
-    ADMIN_TOKEN, CLUSTER_SECRET, RO_TOKEN, RW_TOKEN, admin_status, free_port, get, metric_sum, put,
-    random_bytes, wait_until, workspace_root,
+    ADMIN_TOKEN, CLUSTER_SECRET, PATIENCE, RO_TOKEN, RW_TOKEN, admin_status, free_port, get,
+    metric_sum, put, random_bytes, wait_until, workspace_root,
 };
 
 const IMAGE: &str = "nxcache:local";
@@ -86,6 +86,8 @@ impl ComposeCluster {
         let program = compose_program();
         let root = workspace_root();
         let mut cmd = Command::new(program[0]);
+        // The compose file reads NXCACHE_* from this environment: only the test's own.
+        nxcache_testkit::env::isolate(&mut cmd);
         cmd.args(&program[1..])
             .args(["--project-name", &self.project, "--file"])
             .arg(root.join("docker-compose.yml"))
@@ -144,7 +146,9 @@ impl ComposeCluster {
             let urls = urls.clone();
             async move {
                 for url in &urls {
-                    let ready = reqwest::get(format!("{url}/readyz"))
+                    let ready = nxcache_tests::http_client()
+                        .get(format!("{url}/readyz"))
+                        .send()
                         .await
                         .is_ok_and(|r| r.status().is_success());
                     if !ready {
@@ -399,18 +403,14 @@ async fn a_node_cut_off_for_30_s_comes_back_to_full_replication_within_60_s() {
 
     // R = 3 on three nodes: full replication is every artifact on every disk, no hint left.
     let total = written.len() as u64;
-    wait_until(
-        Duration::from_secs(60),
-        "full replication after the heal",
-        || {
-            let copies: Vec<_> = (0..NODES).map(|n| cluster.local_copies(n)).collect();
-            async move {
-                copies
-                    .iter()
-                    .all(|c| c.is_some_and(|(objects, hints)| objects == total && hints == 0))
-            }
-        },
-    )
+    wait_until(PATIENCE, "full replication after the heal", || {
+        let copies: Vec<_> = (0..NODES).map(|n| cluster.local_copies(n)).collect();
+        async move {
+            copies
+                .iter()
+                .all(|c| c.is_some_and(|(objects, hints)| objects == total && hints == 0))
+        }
+    })
     .await;
     let repaired = healed.elapsed();
     for (k, body) in &written {
@@ -434,7 +434,7 @@ async fn a_rolling_restart_under_load_acknowledges_every_put_and_fails_no_get() 
 
     let load = tokio::spawn(run_load(urls.clone(), stop.clone(), counts.clone()));
     // Some load before the first restart.
-    wait_until(Duration::from_secs(60), "load running", || {
+    wait_until(PATIENCE, "load running", || {
         let n = counts.puts_ok.load(Ordering::Relaxed);
         async move { n >= 20 }
     })
@@ -451,7 +451,7 @@ async fn a_rolling_restart_under_load_acknowledges_every_put_and_fails_no_get() 
         );
         // The restarted node takes its share of the load before the next one goes.
         let before = counts.gets_ok.load(Ordering::Relaxed);
-        wait_until(Duration::from_secs(60), "load after the restart", || {
+        wait_until(PATIENCE, "load after the restart", || {
             let n = counts.gets_ok.load(Ordering::Relaxed);
             async move { n >= before + 60 }
         })

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use nxcache::RunningNode;
-use nxcache_tests::{RO_TOKEN, RW_TOKEN, metric, metrics_page, random_bytes, test_config};
+use nxcache_tests::{
+    PATIENCE, RO_TOKEN, RW_TOKEN, metric, metrics_page, random_bytes, test_config,
+};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,7 +50,9 @@ impl Node {
         token: Option<&str>,
         body: Vec<u8>,
     ) -> (StatusCode, String, String) {
-        let mut req = reqwest::Client::new().put(self.cache(hash)).body(body);
+        let mut req = nxcache_tests::http_client()
+            .put(self.cache(hash))
+            .body(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -56,7 +60,7 @@ impl Node {
     }
 
     async fn get(&self, hash: &str, token: Option<&str>) -> (StatusCode, String, Vec<u8>) {
-        let mut req = reqwest::Client::new().get(self.cache(hash));
+        let mut req = nxcache_tests::http_client().get(self.cache(hash));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -70,7 +74,7 @@ impl Node {
         let mut s = TcpStream::connect(self.addr()).await.unwrap();
         s.write_all(request).await.unwrap();
         let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
         String::from_utf8_lossy(&out).into_owned()
     }
 
@@ -111,7 +115,7 @@ async fn put_then_get_returns_the_same_bytes_and_head_is_cheap() {
     );
     assert!(got == body, "bytes differ");
 
-    let head = reqwest::Client::new()
+    let head = nxcache_tests::http_client()
         .head(node.cache("13661868522198395722"))
         .bearer_auth(RO_TOKEN)
         .send()
@@ -122,7 +126,7 @@ async fn put_then_get_returns_the_same_bytes_and_head_is_cheap() {
         head.headers()["content-length"],
         body.len().to_string().as_str()
     );
-    let head_missing = reqwest::Client::new()
+    let head_missing = nxcache_tests::http_client()
         .head(node.cache("404"))
         .bearer_auth(RO_TOKEN)
         .send()
@@ -194,7 +198,7 @@ async fn tokens_are_checked_with_actionable_plain_text_messages() {
     );
 
     // Not a bearer header.
-    let resp = reqwest::Client::new()
+    let resp = nxcache_tests::http_client()
         .get(node.cache("7"))
         .header("authorization", "Basic dXNlcjpwYXNz")
         .send()
@@ -310,16 +314,12 @@ async fn a_body_shorter_than_its_content_length_stores_nothing() {
     let _ = s.read_to_end(&mut out).await;
     let out = String::from_utf8_lossy(&out);
     assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
-    nxcache_tests::wait_until(
-        Duration::from_secs(10),
-        "the aborted upload is cleaned up",
-        || async {
-            metric(
-                &metrics_page(&node.url).await,
-                "nxcache_store_reserved_bytes",
-            ) == Some(0.0)
-        },
-    )
+    nxcache_tests::wait_until(PATIENCE, "the aborted upload is cleaned up", || async {
+        metric(
+            &metrics_page(&node.url).await,
+            "nxcache_store_reserved_bytes",
+        ) == Some(0.0)
+    })
     .await;
     assert_eq!(
         node.get("77", Some(RW_TOKEN)).await.0,
@@ -360,7 +360,7 @@ async fn a_stalled_upload_times_out_and_stores_nothing() {
     s.write_all(&[1u8; 10]).await.unwrap();
     // Keep the connection open and silent: the server must answer on its own.
     let mut out = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out))
+    let n = tokio::time::timeout(PATIENCE, s.read(&mut out))
         .await
         .expect("the server must time the upload out")
         .unwrap();
@@ -381,11 +381,13 @@ async fn a_client_dribbling_headers_is_disconnected() {
         .await
         .unwrap();
     let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
     assert!(read.is_ok(), "the connection must be closed by the server");
     // Normal clients are unaffected.
     assert_eq!(
-        reqwest::get(format!("{}/healthz", node.url))
+        nxcache_tests::http_client()
+            .get(format!("{}/healthz", node.url))
+            .send()
             .await
             .unwrap()
             .status(),
@@ -395,16 +397,17 @@ async fn a_client_dribbling_headers_is_disconnected() {
 }
 
 #[tokio::test]
-async fn a_full_budget_with_nothing_evictable_is_507() {
+async fn an_artifact_larger_than_the_whole_budget_is_413() {
     let node = Node::start_with(|c| {
         c.max_disk_usage = 1000;
         c.max_artifact_size = 5000;
     })
     .await;
+    // It can never fit: refused on its Content-Length, like one over --max-artifact-size.
     let (status, ctype, msg) = node.put("1", Some(RW_TOKEN), vec![0; 2000]).await;
     assert_eq!(
         (status, ctype.as_str()),
-        (StatusCode::INSUFFICIENT_STORAGE, "text/plain")
+        (StatusCode::PAYLOAD_TOO_LARGE, "text/plain")
     );
     assert!(msg.contains("--max-disk-usage"), "{msg}");
     assert_eq!(node.get("1", Some(RW_TOKEN)).await.0, StatusCode::NOT_FOUND);
@@ -415,7 +418,7 @@ async fn a_full_budget_with_nothing_evictable_is_507() {
 async fn concurrent_puts_of_one_hash_have_one_winner_and_no_mixed_bytes() {
     let node = Node::start().await;
     let bodies: Vec<Vec<u8>> = (0..8).map(|_| random_bytes(512 * 1024)).collect();
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let tasks: Vec<_> = bodies
         .iter()
         .cloned()
@@ -471,7 +474,7 @@ async fn the_api_can_live_under_a_base_path() {
         StatusCode::OK
     );
     let root = node.url.trim_end_matches("/nx");
-    let resp = reqwest::Client::new()
+    let resp = nxcache_tests::http_client()
         .get(format!("{root}/v1/cache/1"))
         .bearer_auth(RW_TOKEN)
         .send()
@@ -512,7 +515,11 @@ async fn metrics_report_traffic_hits_misses_and_storage() {
 async fn health_endpoints_answer_plain_text() {
     let node = Node::start().await;
     for path in ["/healthz", "/readyz"] {
-        let resp = reqwest::get(format!("{}{path}", node.url)).await.unwrap();
+        let resp = nxcache_tests::http_client()
+            .get(format!("{}{path}", node.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         assert_eq!(content_type(&resp), "text/plain");
     }
@@ -527,7 +534,7 @@ async fn admin_request(
     token: &str,
     body: Option<serde_json::Value>,
 ) -> reqwest::Response {
-    let mut request = reqwest::Client::new()
+    let mut request = nxcache_tests::http_client()
         .request(method, format!("{node_url}/admin/v1/{path}"))
         .bearer_auth(token);
     if let Some(body) = body {
@@ -597,7 +604,14 @@ async fn the_admin_api_manages_tokens_and_reports_status() {
         .await
         .unwrap();
     assert!(
-        list.contains("\"laptop\"") && list.contains("\"read-write-1\""),
+        list.contains("\"laptop\"")
+            && list.contains(&format!(
+                "\"{}\"",
+                nxcache_auth::env_token_name(
+                    nxcache_auth::Scope::ReadWrite,
+                    &nxcache_auth::Digest::of(RW_TOKEN)
+                )
+            )),
         "{list}"
     );
     assert!(!list.contains(&secret) && !list.contains(RW_TOKEN));
@@ -630,7 +644,7 @@ async fn uploads_beyond_the_limit_get_503_with_retry_after_and_store_nothing() {
     // Once the server is inside that upload (in flight: it and the metrics request
     // asking), another upload is refused.
     let url = node.url.clone();
-    nxcache_tests::wait_until(Duration::from_secs(10), "the slow upload in flight", || {
+    nxcache_tests::wait_until(PATIENCE, "the slow upload in flight", || {
         let url = url.clone();
         async move {
             let page = nxcache_tests::metrics_page(&url).await;
@@ -638,7 +652,7 @@ async fn uploads_beyond_the_limit_get_503_with_retry_after_and_store_nothing() {
         }
     })
     .await;
-    let refused = reqwest::Client::new()
+    let refused = nxcache_tests::http_client()
         .put(node.cache("812"))
         .bearer_auth(RW_TOKEN)
         .body(&b"other"[..])
@@ -654,7 +668,7 @@ async fn uploads_beyond_the_limit_get_503_with_retry_after_and_store_nothing() {
     // The slow upload completes; then uploads are taken again.
     slow.write_all(b"abcdefghij").await.unwrap();
     let mut out = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut out))
+    let n = tokio::time::timeout(PATIENCE, slow.read(&mut out))
         .await
         .unwrap()
         .unwrap();
@@ -674,13 +688,12 @@ async fn uploads_beyond_the_limit_get_503_with_retry_after_and_store_nothing() {
     node.stop().await;
 }
 
-/// p99 of `n` sequential PUT+GET round trips, in milliseconds; panics on any failure.
-async fn round_trip_p99(node: &Node, prefix: u64, n: u64) -> f64 {
-    let client = reqwest::Client::new();
-    let mut times = Vec::new();
+/// `n` sequential PUT+GET round trips of 4 KiB, each answered in full; panics on any
+/// failure (every request gives up after the shared client's timeout).
+async fn round_trips(node: &Node, prefix: u64, n: u64) {
+    let client = nxcache_tests::http_client();
     for i in 0..n {
         let hash = (prefix + i).to_string();
-        let started = std::time::Instant::now();
         let put = client
             .put(node.cache(&hash))
             .bearer_auth(RW_TOKEN)
@@ -697,16 +710,16 @@ async fn round_trip_p99(node: &Node, prefix: u64, n: u64) -> f64 {
             .unwrap();
         assert_eq!(get.status(), StatusCode::OK);
         assert_eq!(get.bytes().await.unwrap().len(), 4096);
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
-    times[((times.len() * 99) / 100).min(times.len() - 1)]
 }
 
+/// The behaviour only: with 500 connections held open, every normal request is still
+/// answered (no connection slot or worker is taken by them). What they cost in latency is
+/// measured by tests/bench/idle-connections.sh, not asserted here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_idle_or_trickling_connections_do_not_block_normal_requests() {
     let node = Node::start().await;
-    let baseline = round_trip_p99(&node, 9_100_000, 100).await;
+    round_trips(&node, 9_100_000, 20).await;
 
     // 250 connections that send nothing, 250 that trickle a request's headers a byte at
     // a time (slowloris).
@@ -729,19 +742,9 @@ async fn five_hundred_idle_or_trickling_connections_do_not_block_normal_requests
         }
         held
     });
-    let loaded = round_trip_p99(&node, 9_200_000, 100).await;
+    round_trips(&node, 9_200_000, 100).await;
+    // Held until the node stops: every round trip above ran beside all 500.
     let held = trickle.await.unwrap();
-    eprintln!(
-        "p99 of a PUT+GET round trip: {baseline:.2} ms alone, {loaded:.2} ms with {} idle or trickling connections open ({:.2}x)",
-        held.len(),
-        loaded / baseline
-    );
-    // Every request succeeded (checked above); the held connections cost no more than
-    // scheduling noise, not a wait for a free connection slot or a timeout.
-    assert!(
-        loaded < (baseline * 10.0).max(250.0),
-        "{loaded:.2} ms vs {baseline:.2} ms"
-    );
     drop(held);
     node.stop().await;
 }

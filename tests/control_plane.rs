@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nxcache_store::BlobKey;
-use nxcache_tests::{ADMIN_TOKEN, InProcessCluster, get, put, random_bytes, wait_until};
+use nxcache_tests::{ADMIN_TOKEN, InProcessCluster, PATIENCE, get, put, random_bytes, wait_until};
 use serde_json::Value;
 
 async fn status(client: &reqwest::Client, url: &str) -> Option<Value> {
@@ -53,7 +53,7 @@ fn holders(cluster: &InProcessCluster, hash: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_node_reports_one_ring_per_epoch_while_a_node_joins_under_load() {
     let mut cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let urls = Arc::new(Mutex::new(
         (0..3).map(|i| cluster.url(i)).collect::<Vec<_>>(),
     ));
@@ -112,7 +112,7 @@ async fn every_node_reports_one_ring_per_epoch_while_a_node_joins_under_load() {
     urls.lock().unwrap().push(cluster.url(new));
     let all: Vec<String> = urls.lock().unwrap().clone();
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "every node places by one ring of four members",
         || {
             let (client, all) = (client.clone(), all.clone());
@@ -143,7 +143,7 @@ async fn every_node_reports_one_ring_per_epoch_while_a_node_joins_under_load() {
     assert_eq!(after, before);
 
     let polled = polls.load(Ordering::SeqCst);
-    wait_until(Duration::from_secs(60), "more status polls", || {
+    wait_until(PATIENCE, "more status polls", || {
         let n = polls.load(Ordering::SeqCst);
         async move { n >= polled + 8 }
     })
@@ -163,7 +163,7 @@ async fn every_node_reports_one_ring_per_epoch_while_a_node_joins_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lowering_the_replication_factor_leaves_two_copies_and_every_read_succeeds() {
     let cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let mut written = BTreeMap::new();
     for n in 0..60usize {
         let hash = (3_300_000 + n).to_string();
@@ -174,7 +174,7 @@ async fn lowering_the_replication_factor_leaves_two_copies_and_every_read_succee
         );
         written.insert(hash, body);
     }
-    wait_until(Duration::from_secs(60), "three copies of each", || {
+    wait_until(PATIENCE, "three copies of each", || {
         let done = written.keys().all(|h| holders(&cluster, h).len() == 3);
         async move { done }
     })
@@ -245,7 +245,7 @@ async fn lowering_the_replication_factor_leaves_two_copies_and_every_read_succee
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_cut_off_from_the_others_stays_ready_and_serves_what_it_holds() {
     let mut cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let url = cluster.url(0);
     let mut written = BTreeMap::new();
     for n in 0..10usize {
@@ -254,7 +254,7 @@ async fn a_node_cut_off_from_the_others_stays_ready_and_serves_what_it_holds() {
         assert_eq!(put(&client, &url, &hash, body.clone()).await, 200);
         written.insert(hash, body);
     }
-    wait_until(Duration::from_secs(60), "three copies of each", || {
+    wait_until(PATIENCE, "three copies of each", || {
         let done = written.keys().all(|h| holders(&cluster, h).len() == 3);
         async move { done }
     })
@@ -291,18 +291,14 @@ async fn a_node_cut_off_from_the_others_stays_ready_and_serves_what_it_holds() {
 
     cluster.stop(1).await;
     cluster.stop(2).await;
-    wait_until(
-        Duration::from_secs(60),
-        "node 0 says it has no leader",
-        || {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                status(&client, &url)
-                    .await
-                    .is_some_and(|s| s["leader_id"].is_null() && s["leaderless_ms"].is_u64())
-            }
-        },
-    )
+    wait_until(PATIENCE, "node 0 says it has no leader", || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            status(&client, &url)
+                .await
+                .is_some_and(|s| s["leader_id"].is_null() && s["leaderless_ms"].is_u64())
+        }
+    })
     .await;
     let page = nxcache_tests::metrics_page(&url).await;
     assert_eq!(
@@ -315,7 +311,7 @@ async fn a_node_cut_off_from_the_others_stays_ready_and_serves_what_it_holds() {
     }
     assert_eq!(get(&client, &url, "4499999").await.0, 404);
     let probed = probes.load(Ordering::SeqCst);
-    wait_until(Duration::from_secs(60), "more readiness probes", || {
+    wait_until(PATIENCE, "more readiness probes", || {
         let n = probes.load(Ordering::SeqCst);
         async move { n >= probed + 20 }
     })
@@ -354,7 +350,7 @@ async fn settings_come_from_the_first_node_and_later_flags_change_nothing() {
         assert_eq!(cluster.node(i).data().view().ring.replicas(), 2);
     }
     // Changed on purpose, through any node: every node applies it.
-    let response = reqwest::Client::new()
+    let response = nxcache_tests::http_client()
         .put(format!("{}/admin/v1/settings", cluster.url(joiner)))
         .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({"on_degraded": "strict", "write_quorum": 3}))
@@ -372,7 +368,7 @@ async fn settings_come_from_the_first_node_and_later_flags_change_nothing() {
         "serve",
         "a refused change applied"
     );
-    let response = reqwest::Client::new()
+    let response = nxcache_tests::http_client()
         .put(format!("{}/admin/v1/settings", cluster.url(joiner)))
         .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({"on_degraded": "strict"}))
@@ -380,7 +376,7 @@ async fn settings_come_from_the_first_node_and_later_flags_change_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    wait_until(Duration::from_secs(10), "both nodes apply strict", || {
+    wait_until(PATIENCE, "both nodes apply strict", || {
         let done = [0, joiner]
             .iter()
             .all(|i| settings(&cluster, *i).on_degraded == "strict");

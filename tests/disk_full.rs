@@ -69,7 +69,7 @@ async fn a_full_disk_answers_507_keeps_serving_reads_and_recovers() {
     config.max_disk_usage = 1 << 30;
     let node = nxcache::start(config).await.unwrap();
     let url = node.base_url();
-    let http = reqwest::Client::new();
+    let http = nxcache_tests::http_client();
 
     // Ballast that the operator can later delete.
     let ballast = fs.path().join("ballast");
@@ -131,5 +131,115 @@ async fn a_full_disk_answers_507_keeps_serving_reads_and_recovers() {
     let body = random_bytes(1 << 20);
     assert_eq!(put(&http, &url, &refused, body.clone()).await, 200);
     assert!(get(&http, &url, &refused).await.1 == body);
+    node.shutdown().await.unwrap();
+}
+
+/// Fills `dir`'s file system with one file, as another process (or a volume shrunk under
+/// the node) would; returns its path.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    loop {
+        match file.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // Down to the last byte: smaller writes until even those fail.
+    for size in [4096usize, 512, 1] {
+        while file.write_all(&chunk[..size]).is_ok() {}
+    }
+    let _ = file.flush();
+    path
+}
+
+/// The regression test of finding F5 (docs/reliability.md): a full disk used to stop the
+/// metadata log for good (sled's ENOSPC ends openraft's core). Uploads are refused before
+/// the space kept for the log is touched, and when the disk is filled by something else,
+/// the reserve's ballast gives the log room: metadata writes (tokens) keep working, the
+/// node stays healthy, and uploads work again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "mounts a tmpfs (needs root); run by .ci/run"]
+async fn a_full_disk_leaves_the_metadata_log_room_to_write() {
+    let fs = SmallFs::mount("24m");
+    let data = fs.path().join("data");
+    let mut config = test_config(&data);
+    config.max_disk_usage = 1 << 30;
+    let node = nxcache::start(config).await.unwrap();
+    let url = node.base_url();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let create_token = |name: String| {
+        http.post(format!("{url}/admin/v1/tokens"))
+            .bearer_auth(nxcache_tests::ADMIN_TOKEN)
+            .json(&serde_json::json!({ "name": name, "scope": "read" }))
+            .send()
+    };
+
+    // Room an operator frees at the end.
+    let freed_later = fs.path().join("freed-later");
+    std::fs::write(&freed_later, vec![0u8; 8 << 20]).unwrap();
+
+    // Uploads until refused: the reserve is still free then.
+    let mut refused = None;
+    for i in 0..40u64 {
+        let hash = (7_000_000 + i).to_string();
+        match put(&http, &url, &hash, random_bytes(1 << 20)).await {
+            200 => {}
+            507 => {
+                refused = Some(hash);
+                break;
+            }
+            other => panic!("PUT {hash}: unexpected {other}"),
+        }
+    }
+    let refused = refused.expect("the file system never filled");
+    let page = metrics_page(&url).await;
+    let reserve = metric(&page, "nxcache_disk_reserve_bytes").expect("reserve gauge");
+    let free = fs2::available_space(fs.path()).unwrap() as f64;
+    assert!(
+        free >= reserve,
+        "uploads ate into the reserve: {free} bytes free, {reserve} reserved"
+    );
+
+    // Something else takes every byte left; the ballast goes, the log has room.
+    let filler = fill_up(fs.path());
+    nxcache_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "the space reserve released (nxcache_disk_reserve_released 1)",
+        || {
+            let url = url.clone();
+            async move {
+                metric(&metrics_page(&url).await, "nxcache_disk_reserve_released") == Some(1.0)
+            }
+        },
+    )
+    .await;
+    for i in 0..20 {
+        let answer = create_token(format!("on-a-full-disk-{i}")).await.unwrap();
+        assert_eq!(answer.status(), 201, "token {i} on a full disk");
+    }
+    assert_eq!(put(&http, &url, &refused, random_bytes(1 << 20)).await, 507);
+    let health = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "{}", health.text().await.unwrap());
+    let page = metrics_page(&url).await;
+    assert_eq!(metric(&page, "nxcache_raft_core_up"), Some(1.0));
+
+    // Room again: the reserve is held again and uploads work, with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&freed_later).unwrap();
+    let body = random_bytes(1 << 20);
+    assert_eq!(put(&http, &url, &refused, body.clone()).await, 200);
+    assert!(get(&http, &url, &refused).await.1 == body);
+    assert_eq!(
+        metric(&metrics_page(&url).await, "nxcache_disk_reserve_released"),
+        Some(0.0)
+    );
+    assert_eq!(create_token("after".into()).await.unwrap().status(), 201);
     node.shutdown().await.unwrap();
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nxcache_tests::{NodeProcess, RW_TOKEN, random_bytes};
+use nxcache_tests::{NodeProcess, PATIENCE, RW_TOKEN, random_bytes};
 use reqwest::StatusCode;
 
 const TOKENS: &[(&str, &str)] = &[("NXCACHE_READ_WRITE_TOKENS", RW_TOKEN)];
@@ -17,7 +17,7 @@ async fn kill_9_during_50_uploads_loses_no_acknowledged_artifact_and_serves_no_p
     // fsync on: the single-node default, the configuration whose promise is tested.
     let mut node = NodeProcess::start(&data, &["--listen", "127.0.0.1:0", "--fsync", "on"], TOKENS);
     let url = node.url.clone();
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let bodies: Arc<HashMap<String, Vec<u8>>> = Arc::new(
         (0..50)
             .map(|i| {
@@ -31,11 +31,8 @@ async fn kill_9_during_50_uploads_loses_no_acknowledged_artifact_and_serves_no_p
     // Every other upload sends its first 64 KiB, then waits for a gate that opens only
     // after the kill: whatever the timing, some uploads are cut in the middle.
     let gate = Arc::new(tokio::sync::Notify::new());
-    let held_bytes: usize = bodies
-        .iter()
-        .filter(|(h, _)| is_held(h))
-        .map(|(_, b)| b.len())
-        .sum();
+    // Budget is reserved for the bytes received: each held upload holds its first chunk.
+    let held_bytes: usize = bodies.keys().filter(|h| is_held(h)).count() * 64 * 1024;
     let acknowledged = Arc::new(AtomicUsize::new(0));
     let uploads: Vec<_> = bodies
         .keys()
@@ -169,7 +166,7 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_cleanly() {
     let upload = tokio::spawn({
         let url = url.clone();
         async move {
-            reqwest::Client::new()
+            nxcache_tests::http_client()
                 .put(format!("{url}/v1/cache/555"))
                 .bearer_auth(RW_TOKEN)
                 .header("content-length", 20)
@@ -181,20 +178,26 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_cleanly() {
     });
     tx.send(Ok(vec![1; 10])).await.unwrap();
     // The upload is in flight once the server has reserved budget for it.
-    nxcache_tests::wait_until(Duration::from_secs(10), "upload in flight", || {
+    nxcache_tests::wait_until(PATIENCE, "upload in flight", || {
         let url = url.clone();
         async move {
             let page = nxcache_tests::metrics_page(&url).await;
-            nxcache_tests::metric(&page, "nxcache_store_reserved_bytes") == Some(20.0)
+            nxcache_tests::metric(&page, "nxcache_store_reserved_bytes") == Some(10.0)
         }
     })
     .await;
     let pid = node.pid();
     let terminate = std::thread::spawn(move || node.terminate());
     // The server now drains: /readyz would say so; the upload may still finish.
-    nxcache_tests::wait_until(Duration::from_secs(10), "listener closed", || {
+    nxcache_tests::wait_until(PATIENCE, "listener closed", || {
         let url = url.clone();
-        async move { reqwest::get(format!("{url}/healthz")).await.is_err() }
+        async move {
+            nxcache_tests::http_client()
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_err()
+        }
     })
     .await;
     tx.send(Ok(vec![2; 10])).await.unwrap();
@@ -235,7 +238,7 @@ async fn first_start_without_tokens_generates_one_kept_private_and_printed_once(
         );
     }
     let put = |url: String, token: String| async move {
-        reqwest::Client::new()
+        nxcache_tests::http_client()
             .put(format!("{url}/v1/cache/1"))
             .bearer_auth(token)
             .body("x")

@@ -13,7 +13,7 @@ async fn writing_past_the_budget_evicts_least_recently_read_first() {
     config.max_disk_usage = 10 * OBJECT as u64;
     let node = nxcache::start(config).await.unwrap();
     let url = node.base_url();
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let put = |hash: u32| {
         let req = client
             .put(format!("{url}/v1/cache/{hash}"))

@@ -1,10 +1,10 @@
 //! Limits a node keeps, checked on real `nxcache serve` processes through their flags:
-//! `--ttl`, `--max-connections` and `--shutdown-timeout`.
+//! `--ttl`, `--max-connections` (with shedding) and `--shutdown-timeout`.
 
 use std::time::{Duration, Instant};
 
 use nxcache_tests::{
-    NodeProcess, RW_TOKEN, get, holds_on_disk, http_client, metric_sum_if_present, metrics_page,
+    NodeProcess, PATIENCE, RW_TOKEN, get, holds_on_disk, http_client, metric_sum, metrics_page,
     put, random_bytes, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,38 +27,21 @@ async fn an_artifact_not_read_for_longer_than_the_ttl_becomes_a_miss() {
     assert_eq!(put(&client, &node.url, "31337", body.clone()).await, 200);
     // Not read again: once idle for longer than the TTL it is evicted. Awaited through
     // the metrics, since polling with GET would read it and keep it alive.
-    wait_until(
-        Duration::from_secs(60),
-        "the idle artifact evicted for its TTL",
-        || {
-            let url = node.url.clone();
-            async move {
-                metric_sum_if_present(
-                    &metrics_page(&url).await,
-                    "nxcache_store_evictions_total",
-                    &[r#"reason="ttl""#],
-                )
-                .is_some_and(|evicted| evicted >= 1.0)
-            }
-        },
-    )
+    wait_until(PATIENCE, "the idle artifact evicted for its TTL", || {
+        let url = node.url.clone();
+        async move {
+            metric_sum(
+                &metrics_page(&url).await,
+                "nxcache_store_evictions_total",
+                &[r#"reason="ttl""#],
+            ) >= 1.0
+        }
+    })
     .await;
     assert!(!holds_on_disk(&node.data_dir, "31337"), "its file is left");
     assert_eq!(get(&client, &node.url, "31337").await.0, 404);
     // Really gone, not hidden: the same hash can be stored again.
     assert_eq!(put(&client, &node.url, "31337", body).await, 200);
-}
-
-/// Sends `GET path` on an open HTTP/1.1 connection and reads the whole response (the
-/// status code is returned); bounded by `limit`.
-async fn request_on(stream: &mut TcpStream, path: &str, limit: Duration) -> Result<u16, String> {
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::time::timeout(limit, read_response(stream))
-        .await
-        .map_err(|_| format!("no response within {limit:?}"))?
 }
 
 async fn read_response(stream: &mut TcpStream) -> Result<u16, String> {
@@ -95,23 +78,64 @@ async fn read_response(stream: &mut TcpStream) -> Result<u16, String> {
     }
 }
 
+/// Starts a 20-byte PUT on an open connection and sends its first half: a request in
+/// progress until the rest comes. Returns once the node reads its body (its
+/// `100 Continue`), which no other connection is needed to observe.
+async fn start_upload(stream: &mut TcpStream, hash: &str) {
+    stream
+        .write_all(
+            format!(
+                "PUT /v1/cache/{hash} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {RW_TOKEN}\r\ncontent-length: 20\r\nexpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !seen.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .expect("no 100 Continue for the upload")
+            .unwrap();
+        assert!(n > 0, "connection closed before 100 Continue");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    stream.write_all(b"0123456789").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_beyond_the_limit_waits_until_one_closes() {
+async fn a_connection_beyond_the_limit_waits_while_every_connection_serves_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    // Idle kept-alive connections stay open for the whole test.
+    // The uploads held below are neither stalled nor too slow for these.
     let node = node(
         &dir,
-        &["--max-connections", "2", "--header-timeout", "600s"],
+        &[
+            "--max-connections",
+            "2",
+            "--header-timeout",
+            "600s",
+            "--body-idle-timeout",
+            "600s",
+            "--upload-min-rate",
+            "0",
+        ],
     );
     let addr = node.url.trim_start_matches("http://").to_owned();
     let answer = Duration::from_secs(30);
     let mut held = Vec::new();
-    for _ in 0..2 {
+    for hash in ["7001", "7002"] {
         let mut stream = TcpStream::connect(&addr).await.unwrap();
-        assert_eq!(request_on(&mut stream, "/healthz", answer).await, Ok(200));
+        start_upload(&mut stream, hash).await;
         held.push(stream);
     }
-    // A third connection is accepted by the kernel, but its request waits.
+    // A third connection is accepted by the kernel, but its request waits: no connection
+    // may be shed while each serves a request.
     let mut third = TcpStream::connect(&addr).await.unwrap();
     third
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
@@ -124,32 +148,38 @@ async fn a_connection_beyond_the_limit_waits_until_one_closes() {
             .and_then(|r| r);
         (answered, third)
     });
-    // A negative, watched over a window: the node keeps serving the two connections it
-    // holds, the third gets nothing.
+    // A negative, watched over a window.
     let watch_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < watch_until {
-        for stream in &mut held {
-            assert_eq!(request_on(stream, "/healthz", answer).await, Ok(200));
-        }
         assert!(
             !waiting.is_finished(),
             "a connection beyond --max-connections was served"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        !waiting.is_finished(),
-        "a connection beyond --max-connections was served"
+    // One upload ends: its connection falls idle and makes room for the waiting one.
+    let mut first = held.remove(0);
+    first.write_all(b"abcdefghij").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(answer, read_response(&mut first)).await,
+        Ok(Ok(200))
     );
-    // One held connection closes: the waiting one is taken and answered.
-    drop(held.remove(0));
     let (answered, third) = waiting.await.unwrap();
     assert_eq!(answered, Ok(200));
+    let page = metrics_page(&node.url).await;
+    // The idle connection was shed for it (and, to fetch this page, maybe the third).
+    let shed = metric_sum(
+        &page,
+        "nxcache_http_connections_shed_total",
+        &[r#"state="idle""#],
+    );
+    assert!(shed >= 1.0, "{shed} idle connections shed");
     // Healthy afterwards: with the others closed, new clients are served as usual.
     drop(third);
     drop(held);
+    drop(first);
     let client = http_client();
-    wait_until(Duration::from_secs(30), "a new client served", || {
+    wait_until(PATIENCE, "a new client served", || {
         let (client, url) = (client.clone(), node.url.clone());
         async move {
             client
@@ -197,11 +227,11 @@ async fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_process_
     });
     tx.send(Ok(vec![1; 10])).await.unwrap();
     // In flight once the node has reserved its budget; the rest never comes.
-    wait_until(Duration::from_secs(30), "the upload in flight", || {
+    wait_until(PATIENCE, "the upload in flight", || {
         let url = url.clone();
         async move {
             nxcache_tests::metric(&metrics_page(&url).await, "nxcache_store_reserved_bytes")
-                == Some(20.0)
+                == Some(10.0)
         }
     })
     .await;
@@ -209,7 +239,7 @@ async fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_process_
     let log = node.log.clone();
     // The node says when the timeout expired, once the request is cut.
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "the node to report requests cut at the shutdown timeout",
         || {
             let cut = std::fs::read_to_string(&log)
@@ -260,11 +290,11 @@ async fn a_request_cut_at_the_shutdown_timeout_does_not_outlive_the_node() {
         )
         .await
         .unwrap();
-    wait_until(Duration::from_secs(30), "the upload in flight", || {
+    wait_until(PATIENCE, "the upload in flight", || {
         let url = url.clone();
         async move {
             nxcache_tests::metric(&metrics_page(&url).await, "nxcache_store_reserved_bytes")
-                == Some(20.0)
+                == Some(10.0)
         }
     })
     .await;

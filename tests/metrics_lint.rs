@@ -7,10 +7,9 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use nxcache_tests::{
-    ProcessCluster, admin_status, get, metrics_page, put, random_bytes, wait_until,
+    PATIENCE, ProcessCluster, admin_status, get, metrics_page, put, random_bytes, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,7 +17,7 @@ use nxcache_tests::{
 async fn every_nodes_exposition_passes_promtool() {
     let cluster = ProcessCluster::start(3);
     let first = cluster.nodes[0].url.clone();
-    wait_until(Duration::from_secs(60), "cluster formed", || {
+    wait_until(PATIENCE, "cluster formed", || {
         let url = first.clone();
         async move {
             admin_status(&url).is_some_and(|s| {
@@ -31,7 +30,7 @@ async fn every_nodes_exposition_passes_promtool() {
     .await;
     // Traffic through every node, so every family has samples: hits, misses, remote
     // reads, replica transfers, errors.
-    let http = reqwest::Client::new();
+    let http = nxcache_tests::http_client();
     let hashes: Vec<String> = (0..20).map(|i| format!("{}", 90_000_000 + i)).collect();
     for (i, hash) in hashes.iter().enumerate() {
         let node = &cluster.nodes[i % 3].url;

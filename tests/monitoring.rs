@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nxcache_tests::{
-    ProcessCluster, admin_status, get, http_client, metrics_page, put, random_bytes, wait_until,
-    workspace_root,
+    PATIENCE, ProcessCluster, admin_status, get, http_client, metrics_page, put, random_bytes,
+    wait_until, workspace_root,
 };
 
 /// Series that Prometheus itself adds to every scrape (not on a node's page).
@@ -226,7 +226,7 @@ async fn every_metric_an_alert_or_panel_queries_is_on_a_live_nodes_metrics() {
         &["--replication-factor", "2", "--anti-entropy-interval", "1s"],
     );
     let first = cluster.nodes[0].url.clone();
-    wait_until(Duration::from_secs(90), "three reachable members", || {
+    wait_until(PATIENCE, "three reachable members", || {
         let url = first.clone();
         async move {
             admin_status(&url).is_some_and(|s| {
@@ -295,7 +295,8 @@ fn the_dashboard_has_a_row_per_area_and_every_panel_a_query() {
             "Latency",
             "Storage",
             "Replication",
-            "Raft"
+            "Raft",
+            "Protocols"
         ]
     );
     let mut ids = BTreeSet::new();

@@ -3,10 +3,10 @@
 //! uploads is never what a `main` build restores. On a three-node cluster, so namespaced
 //! keys also travel between nodes.
 
-use nxcache_tests::{InProcessCluster, RW_TOKEN, admin};
+use nxcache_tests::{InProcessCluster, RW_TOKEN, admin, create_token as create};
 
 async fn put(url: &str, token: &str, hash: &str, body: &[u8]) -> u16 {
-    reqwest::Client::new()
+    nxcache_tests::http_client()
         .put(format!("{url}/v1/cache/{hash}"))
         .bearer_auth(token)
         .body(body.to_vec())
@@ -18,7 +18,7 @@ async fn put(url: &str, token: &str, hash: &str, body: &[u8]) -> u16 {
 }
 
 async fn get(url: &str, token: &str, hash: &str) -> (u16, Vec<u8>) {
-    let response = reqwest::Client::new()
+    let response = nxcache_tests::http_client()
         .get(format!("{url}/v1/cache/{hash}"))
         .bearer_auth(token)
         .send()
@@ -26,15 +26,6 @@ async fn get(url: &str, token: &str, hash: &str) -> (u16, Vec<u8>) {
         .unwrap();
     let status = response.status().as_u16();
     (status, response.bytes().await.unwrap().to_vec())
-}
-
-fn create(url: &str, args: &[&str]) -> String {
-    let mut all = vec!["tokens", "create", "--json"];
-    all.extend_from_slice(args);
-    let (ok, out) = admin(url, &all);
-    assert!(ok, "{out}");
-    let created: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    created["token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

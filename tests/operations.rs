@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use nxcache_tests::{
-    ADMIN_TOKEN, NodeProcess, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, admin_status, get,
-    holds_on_disk, http_client, metrics_page, nxcache_bin, put, random_bytes, wait_until,
+    ADMIN_TOKEN, NodeProcess, PATIENCE, ProcessCluster, RO_TOKEN, RW_TOKEN, admin, admin_status,
+    get, holds_on_disk, http_client, metrics_page, nxcache_bin, put, random_bytes, wait_until,
 };
 
 /// A leader, `members` members, every one reachable and active.
@@ -34,7 +34,7 @@ fn member_ids(status: &serde_json::Value, role: Option<&str>) -> Vec<u64> {
 
 async fn wait_settled(url: &str, members: usize) {
     let what = format!("{members} reachable active members and a leader, seen from {url}");
-    wait_until(Duration::from_secs(90), &what, || {
+    wait_until(PATIENCE, &what, || {
         let url = url.to_owned();
         async move { admin_status(&url).is_some_and(|s| settled(&s, members)) }
     })
@@ -92,9 +92,6 @@ async fn drain_then_remove_moves_the_data_off_and_keeps_the_cluster_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: MetaNode::remove on the leader removing itself makes openraft 0.9 panic \
-            ('Only leader is allowed to call update_effective_membership()'): after \
-            RemoveVoters of itself it proposes RemoveNodes; Raft issue 12 (membership) owns the fix"]
 async fn removing_the_node_that_leads_keeps_the_cluster_whole() {
     drain_then_remove(Victim::Leader).await;
 }
@@ -113,15 +110,11 @@ async fn drain_then_remove(pick: Victim) {
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
     wait_settled(&urls[0], 4).await;
     let written = write_artifacts(&urls, 70_000, 60).await;
-    wait_until(
-        Duration::from_secs(90),
-        "every artifact on exactly three disks",
-        || {
-            let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
-            let placed = written.keys().all(|h| disk_holders(&nodes, h).len() == 3);
-            async move { placed }
-        },
-    )
+    wait_until(PATIENCE, "every artifact on exactly three disks", || {
+        let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+        let placed = written.keys().all(|h| disk_holders(&nodes, h).len() == 3);
+        async move { placed }
+    })
     .await;
 
     let before = admin_status(&urls[0]).unwrap();
@@ -176,7 +169,7 @@ async fn drain_then_remove(pick: Victim) {
     // (a learner may be promoted beside them) and all agree on one leader.
     let remaining_voters: Vec<u64> = voters.iter().copied().filter(|v| *v != victim_id).collect();
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "three members on every remaining node, the other voters intact, one leader",
         || {
             let urls = survivor_urls.clone();
@@ -220,7 +213,7 @@ async fn drain_then_remove(pick: Victim) {
     let client = http_client();
     for url in &survivor_urls {
         wait_until(
-            Duration::from_secs(30),
+            PATIENCE,
             &format!("the new token accepted by {url}"),
             || {
                 let (client, url, token) = (client.clone(), url.clone(), token.clone());
@@ -250,7 +243,7 @@ async fn a_node_back_with_an_empty_disk_is_refilled_by_anti_entropy_alone() {
     let written = write_artifacts(&urls, 90_000, 60).await;
     // Settled: three copies of each, no hint anywhere.
     wait_until(
-        Duration::from_secs(90),
+        PATIENCE,
         "every artifact on exactly three disks and no hint pending",
         || {
             let nodes: Vec<&NodeProcess> = cluster.nodes.iter().collect();
@@ -392,24 +385,7 @@ async fn the_generated_cluster_secret_is_private_kept_and_lets_a_joiner_in() {
 
 /// Runs a command that should end by itself; fails the test if it runs for a minute.
 fn run_bounded(command: &mut Command) -> Output {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command:?} still running after a minute");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    nxcache_tests::output_within(command, Duration::from_secs(60))
 }
 
 fn probe(url: &str) -> Output {
@@ -473,4 +449,60 @@ async fn probe_exits_0_on_200_and_explains_anything_else() {
     assert!(!out.status.success(), "a closed port probed as healthy");
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains(&closed), "{message}");
+}
+
+/// What a node shows once its Raft core has stopped on an error (a storage failure, a
+/// panic; here the core is stopped under the running node): admin writes answer 503
+/// text/plain saying what to do, never 500; `/healthz` and `/readyz` answer 503;
+/// `nxcache_raft_core_up` is 0; its status names no leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_metadata_log_answers_503_and_reports_unhealthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = nxcache::start(nxcache_tests::test_config(dir.path()))
+        .await
+        .unwrap();
+    let url = node.base_url();
+    let http = http_client();
+    let create = |name: &'static str| {
+        http.post(format!("{url}/admin/v1/tokens"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({ "name": name, "scope": "read-write" }))
+            .send()
+    };
+    assert_eq!(create("before").await.unwrap().status(), 201);
+    let health = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    node.meta().raft().shutdown().await.unwrap();
+
+    let answer = create("after").await.unwrap();
+    assert_eq!(answer.status(), 503);
+    assert_eq!(answer.headers()["content-type"], "text/plain");
+    let text = answer.text().await.unwrap();
+    assert!(
+        text.contains("metadata log has stopped") && text.contains("restarted"),
+        "{text}"
+    );
+    for probe in ["healthz", "readyz"] {
+        let answer = http.get(format!("{url}/{probe}")).send().await.unwrap();
+        assert_eq!(answer.status(), 503, "/{probe}");
+        let text = answer.text().await.unwrap();
+        assert!(text.contains("restart this node"), "/{probe}: {text}");
+    }
+    let page = metrics_page(&url).await;
+    assert_eq!(
+        nxcache_tests::metric(&page, "nxcache_raft_core_up"),
+        Some(0.0)
+    );
+    let status = http
+        .get(format!("{url}/admin/v1/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert!(status["leader_id"].is_null(), "{status}");
+    node.shutdown().await.unwrap();
 }

@@ -13,7 +13,7 @@ use nxcache_rpc::pb::raft_client::RaftClient;
 use nxcache_rpc::{ClusterSecret, PeerTls};
 use nxcache_testkit::pki::TestPki;
 use nxcache_tests::{
-    CLUSTER_SECRET, NodeProcess, ProcessCluster, admin, admin_status, get, holds_on_disk,
+    CLUSTER_SECRET, NodeProcess, PATIENCE, ProcessCluster, admin, admin_status, get, holds_on_disk,
     http_client, metric_sum, metrics_page, put, random_bytes, wait_until,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -78,7 +78,7 @@ async fn a_cluster_over_mutual_tls_commits_raft_entries_and_replicates_artifacts
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
     // Joins and Raft replication travel over mutual TLS: three reachable members.
     wait_until(
-        Duration::from_secs(90),
+        PATIENCE,
         "three members over mutual TLS, one leader, every one reachable",
         || {
             let url = urls[0].clone();
@@ -107,7 +107,7 @@ async fn a_cluster_over_mutual_tls_commits_raft_entries_and_replicates_artifacts
         .to_owned();
     let client = http_client();
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "the token created on node 2 accepted by node 3",
         || {
             let (client, url, token) = (client.clone(), urls[2].clone(), token.clone());
@@ -127,17 +127,13 @@ async fn a_cluster_over_mutual_tls_commits_raft_entries_and_replicates_artifacts
     // members, three copies) and read back through node 3.
     let body = random_bytes(300_000);
     assert_eq!(put(&client, &urls[0], "4711", body.clone()).await, 200);
-    wait_until(
-        Duration::from_secs(60),
-        "the artifact on all three disks",
-        || {
-            let all = cluster
-                .nodes
-                .iter()
-                .all(|n| holds_on_disk(&n.data_dir, "4711"));
-            async move { all }
-        },
-    )
+    wait_until(PATIENCE, "the artifact on all three disks", || {
+        let all = cluster
+            .nodes
+            .iter()
+            .all(|n| holds_on_disk(&n.data_dir, "4711"));
+        async move { all }
+    })
     .await;
     let (status, got) = get(&client, &urls[2], "4711").await;
     assert_eq!(status, 200);
@@ -230,7 +226,7 @@ async fn peers_without_a_certificate_of_the_cluster_ca_are_refused_at_the_tls_le
     let cluster = ProcessCluster::start_with(1, &as_refs(&pki.flags("node")));
     let url = cluster.nodes[0].url.clone();
     let addr = format!("127.0.0.1:{}", cluster.grpc_ports[0]);
-    wait_until(Duration::from_secs(60), "the node leads itself", || {
+    wait_until(PATIENCE, "the node leads itself", || {
         let url = url.clone();
         async move { admin_status(&url).is_some_and(|s| settled(&s, 1)) }
     })

@@ -3,12 +3,11 @@
 //! under both `--on-degraded` policies.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use nxcache_store::BlobKey;
 use nxcache_tests::{
-    InProcessCluster, RW_TOKEN, get, http_client, metric_sum, metrics_page, put, random_bytes,
-    wait_until,
+    InProcessCluster, PATIENCE, RW_TOKEN, get, http_client, metric_sum, metrics_page, put,
+    random_bytes, wait_until,
 };
 
 /// Which running nodes hold `hash` in their own store.
@@ -53,14 +52,10 @@ async fn copies_of_each_artifact_go_to_distinct_zones() {
             200
         );
     }
-    wait_until(
-        Duration::from_secs(60),
-        "three copies of every artifact",
-        || {
-            let placed = hashes.iter().all(|h| holders(&cluster, h).len() == 3);
-            async move { placed }
-        },
-    )
+    wait_until(PATIENCE, "three copies of every artifact", || {
+        let placed = hashes.iter().all(|h| holders(&cluster, h).len() == 3);
+        async move { placed }
+    })
     .await;
     for hash in &hashes {
         let held = holders(&cluster, hash);
@@ -90,7 +85,7 @@ async fn write_quorum_1_answers_with_one_copy_and_the_others_follow() {
     cluster.restart(2).await;
     cluster.wait_members(3).await;
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "the other two owners given their copies, no hint left",
         || {
             let done =
@@ -151,7 +146,7 @@ async fn write_quorum_3_serve_degrades_a_write_one_owner_short_and_repairs_it() 
     cluster.restart(2).await;
     cluster.wait_members(3).await;
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "the third owner given its copy, no hint left",
         || {
             let done =

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use nxcache_store::BlobKey;
-use nxcache_tests::{InProcessCluster, get, put, random_bytes, wait_until};
+use nxcache_tests::{InProcessCluster, PATIENCE, get, put, random_bytes, wait_until};
 use rand::Rng;
 
 fn key(hash: &str) -> BlobKey {
@@ -36,7 +36,7 @@ fn random_size(rng: &mut impl Rng) -> usize {
 async fn every_acknowledged_put_survives_losing_an_owner_mid_load() {
     let mut cluster = InProcessCluster::start(3, &[]).await;
     let urls: Vec<String> = (0..3).map(|i| cluster.url(i)).collect();
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let acked = Arc::new(std::sync::Mutex::new(BTreeMap::<String, Vec<u8>>::new()));
     let started = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -95,7 +95,7 @@ async fn every_acknowledged_put_survives_losing_an_owner_mid_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_policy_refuses_writes_it_cannot_replicate() {
     let mut cluster = InProcessCluster::start(3, &["--on-degraded", "strict"]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let url = cluster.url(0);
     assert_eq!(put(&client, &url, "1", random_bytes(5000)).await, 200);
     cluster.stop(1).await;
@@ -128,7 +128,7 @@ async fn strict_policy_refuses_writes_it_cannot_replicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_policy_accepts_degraded_writes_and_hands_them_back() {
     let mut cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let url = cluster.url(0);
     let before = random_bytes(10_000);
     assert_eq!(put(&client, &url, "100", before.clone()).await, 200);
@@ -148,15 +148,11 @@ async fn serve_policy_accepts_degraded_writes_and_hands_them_back() {
     cluster.restart(1).await;
     cluster.restart(2).await;
     cluster.wait_members(3).await;
-    wait_until(
-        Duration::from_secs(60),
-        "hints delivered, 3 copies each",
-        || {
-            let done = cluster.node(0).data().pending_hints() == 0
-                && written.keys().all(|h| holders(&cluster, h).len() == 3);
-            async move { done }
-        },
-    )
+    wait_until(PATIENCE, "hints delivered, 3 copies each", || {
+        let done = cluster.node(0).data().pending_hints() == 0
+            && written.keys().all(|h| holders(&cluster, h).len() == 3);
+        async move { done }
+    })
     .await;
     for (hash, body) in &written {
         for i in 1..3 {
@@ -170,13 +166,13 @@ async fn serve_policy_accepts_degraded_writes_and_hands_them_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_replica_is_never_served_and_is_repaired() {
     let cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let body = random_bytes(200_000);
     assert_eq!(
         put(&client, &cluster.url(0), "4242", body.clone()).await,
         200
     );
-    wait_until(Duration::from_secs(20), "three copies", || {
+    wait_until(PATIENCE, "three copies", || {
         let n = holders(&cluster, "4242").len();
         async move { n == 3 }
     })
@@ -190,7 +186,7 @@ async fn a_corrupt_replica_is_never_served_and_is_repaired() {
     let (status, got) = get(&client, &cluster.url(1), "4242").await;
     assert_eq!(status, 200);
     assert!(got == body, "served damaged bytes");
-    wait_until(Duration::from_secs(20), "node 1 repaired", || {
+    wait_until(PATIENCE, "node 1 repaired", || {
         let ok = cluster.node(1).data().store().scrub(&key("4242")).unwrap()
             == nxcache_store::ScrubOutcome::Intact;
         async move { ok }
@@ -215,7 +211,7 @@ fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_joining_node_takes_its_share_and_a_drained_node_empties() {
     let mut cluster = InProcessCluster::start(3, &[]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let mut written = BTreeMap::new();
     for n in 0..300 {
         let hash = format!("{}", 50_000 + n);
@@ -335,7 +331,7 @@ async fn an_evicted_key_leaves_all_its_owners() {
     let mut cluster = InProcessCluster::start(3, &[]).await;
     // A fourth node with room for a few artifacts only: it evicts keys it owns.
     let small = cluster.add_node(&["--max-disk-usage", "400KiB"]).await;
-    let client = reqwest::Client::new();
+    let client = nxcache_tests::http_client();
     let hashes: Vec<String> = (0..24).map(|n| (880_000 + n).to_string()).collect();
     for (n, hash) in hashes.iter().enumerate() {
         assert_eq!(
@@ -348,7 +344,7 @@ async fn an_evicted_key_leaves_all_its_owners() {
         "the small node kept more than its budget"
     );
     // Every key ends up on all of its owners or on none: never half-evicted.
-    wait_until(Duration::from_secs(60), "owners agree on every key", || {
+    wait_until(PATIENCE, "owners agree on every key", || {
         let view = cluster.node(0).data().view();
         let mut dropped = 0;
         let agreed = hashes.iter().all(|h| {

@@ -5,11 +5,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use nxcache_tests::{
-    ADMIN_TOKEN, CLUSTER_SECRET, ProcessCluster, RO_TOKEN, RW_TOKEN, admin_status, random_bytes,
-    wait_until,
+    ADMIN_TOKEN, CLUSTER_SECRET, PATIENCE, ProcessCluster, RO_TOKEN, RW_TOKEN, admin_status,
+    random_bytes, wait_until,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -102,7 +101,7 @@ async fn one_put_is_one_trace_across_the_coordinator_and_its_replicas() {
         ],
     );
     let first = cluster.nodes[0].url.clone();
-    wait_until(Duration::from_secs(60), "cluster formed", || {
+    wait_until(PATIENCE, "cluster formed", || {
         let url = first.clone();
         async move {
             admin_status(&url).is_some_and(|s| {
@@ -118,7 +117,7 @@ async fn one_put_is_one_trace_across_the_coordinator_and_its_replicas() {
     // The caller (a CI job with its own tracing) sends its trace context.
     let trace_id = hex(&rand::random::<[u8; 16]>());
     let caller_span = hex(&rand::random::<[u8; 8]>());
-    let response = reqwest::Client::new()
+    let response = nxcache_tests::http_client()
         .put(format!("{first}/v1/cache/{}", 7_000_000_123u64))
         .bearer_auth(RW_TOKEN)
         .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
@@ -131,7 +130,7 @@ async fn one_put_is_one_trace_across_the_coordinator_and_its_replicas() {
     // The spans of that trace, from the coordinator (node 1) and at least one replica.
     let spans = receiver.spans.clone();
     let wanted = trace_id.clone();
-    wait_until(Duration::from_secs(30), "spans from two nodes", || {
+    wait_until(PATIENCE, "spans from two nodes", || {
         let found: Vec<Span> = spans
             .lock()
             .unwrap()

@@ -23,7 +23,7 @@ done
 source "$root/tests/bench/lib.sh"
 bench_setup cluster-vs-single
 
-export NXCACHE_READ_WRITE_TOKENS=bench NXCACHE_ADMIN_TOKENS=bench-admin
+export NXCACHE_READ_WRITE_TOKENS=bench-token-0123456789 NXCACHE_ADMIN_TOKENS=bench-admin-token-0123456789
 export NXCACHE_CLUSTER_SECRET=bench-cluster-secret-0123456789
 
 start_node() { # $1 name, then extra flags; prints the base URL
@@ -47,7 +47,7 @@ for id in 1 2 3 4; do
   if [ "$id" = 1 ]; then flags+=(--bootstrap --replication-factor 3 --write-quorum 2); else flags+=(--join "127.0.0.1:$seed_port"); fi
   urls+=("$(start_node "node-$id" "${flags[@]}")")
 done
-admin() { "$bin" admin --server "${urls[0]}" --token bench-admin "$@"; }
+admin() { NXCACHE_ADMIN_TOKEN=bench-admin-token-0123456789 "$bin" admin --server "${urls[0]}" "$@"; }
 settled() { # $1 = expected members
   admin status --json 2>/dev/null | python3 -c "
 import json,sys

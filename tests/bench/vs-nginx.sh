@@ -64,7 +64,7 @@ wait_http "http://127.0.0.1:$nginx_port/healthz"
 
 start_nxcache() { # $1 = fsync on|off ; prints the base URL
   local port; port=$(free_port)
-  NXCACHE_READ_WRITE_TOKENS=bench "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$(free_port)" \
+  NXCACHE_READ_WRITE_TOKENS=bench-token-0123456789 "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$(free_port)" \
     --data-dir "$work/nxcache-$1-$RANDOM" --fsync "$1" --max-disk-usage 200GiB \
     --log-level warn >/dev/null 2>&1 &
   track_pid $!
@@ -105,7 +105,7 @@ PY
 if ((rss)); then
   echo "peak RSS of a fresh node while a 1 GiB artifact is PUT, then GET"
   port=$(free_port)
-  NXCACHE_READ_WRITE_TOKENS=bench "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$(free_port)" \
+  NXCACHE_READ_WRITE_TOKENS=bench-token-0123456789 "$bin" serve --listen "127.0.0.1:$port" --grpc-listen "127.0.0.1:$(free_port)" \
     --data-dir "$work/rss" --fsync off --max-disk-usage 4GiB --log-level warn >/dev/null 2>&1 &
   rss_pid=$!
   track_pid "$rss_pid"

@@ -15,7 +15,7 @@ fi
 cargo build --quiet -p nxcache
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-NXCACHE_READ_WRITE_TOKENS=st-rw-token NXCACHE_READ_ONLY_TOKENS=st-ro-token \
+NXCACHE_READ_WRITE_TOKENS=st-read-write-token-0001 NXCACHE_READ_ONLY_TOKENS=st-read-only-token-0001 \
   target/debug/nxcache serve --listen "127.0.0.1:$port" --grpc-listen 127.0.0.1:0 \
   --data-dir "$work/data" --max-artifact-size 1MiB --fsync off --log-level warn \
   2>"$work/node.log" &
@@ -28,7 +28,7 @@ done
 
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance
 status=0
-for token in st-rw-token st-ro-token; do
+for token in st-read-write-token-0001 st-read-only-token-0001; do
   echo "== schemathesis with token $token"
   "$venv/bin/schemathesis" run docs/openapi.yaml \
     --url "http://127.0.0.1:$port" \

@@ -11,12 +11,14 @@ use nxcache_config::{FileConfig, ServeArgs, ServeConfig};
 
 pub mod nx;
 
-pub const RW_TOKEN: &str = "test-rw-token";
-pub const RO_TOKEN: &str = "test-ro-token";
+pub const RW_TOKEN: &str = "test-read-write-token-0001";
+pub const RO_TOKEN: &str = "test-read-only-token-0001";
 
 /// Base configuration of a test node: loopback, random port, fsync off (speed), the two
 /// test tokens, the given data dir.
 pub fn test_config(data_dir: &Path) -> ServeConfig {
+    // Every helper that starts a node or a client puts the calling test under the deadline.
+    watchdog::arm();
     let args = ServeArgs {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         grpc_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -30,16 +32,74 @@ pub fn test_config(data_dir: &Path) -> ServeConfig {
     ServeConfig::merge(args, FileConfig::default()).unwrap()
 }
 
-/// Waits until `check` is true, polling; panics with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waiting on conditions (with a deadline naming what was awaited) and the per-test
+/// deadline: shared with the crates' own tests.
+pub use nxcache_testkit::{PATIENCE, wait_for, wait_until, wait_until_blocking, watchdog};
+
+/// How long a child process gets to exit after SIGTERM or SIGKILL before the test fails.
+const EXIT_WITHIN: Duration = Duration::from_secs(60);
+
+/// Sends signal `signal` (`libc::SIGTERM`, `libc::SIGSTOP`, ...) to the process `pid`
+/// through kill(2), no external `kill` binary; fails the test if it cannot be delivered.
+pub fn send_signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    // SAFETY: kill(2) on a pid the test started; no memory is involved.
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        sent,
+        0,
+        "signal {signal} to pid {pid} failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Waits at most `limit` for `child` to exit; `None` when it still runs.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            watchdog::release(child.id());
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command that should end by itself within `limit`, without the caller's
+/// `NXCACHE_*` / `OTEL_*` variables and with no stdin; returns its output. Fails the test
+/// naming the command if it is still running then (and kills it).
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = nxcache_testkit::env::isolate(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
+    watchdog::arm();
+    watchdog::adopt(child.id());
+    // Read both pipes meanwhile: a child blocked on a full pipe would never exit.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let Some(status) = exit_within(&mut child, limit) else {
+        let _ = child.kill();
+        let _ = exit_within(&mut child, EXIT_WITHIN);
+        panic!("{command:?} was still running after {limit:?}");
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
     }
 }
 
@@ -52,7 +112,9 @@ pub fn metric(page: &str, series: &str) -> Option<f64> {
 }
 
 pub async fn metrics_page(base_url: &str) -> String {
-    reqwest::get(format!("{base_url}/metrics"))
+    http_client()
+        .get(format!("{base_url}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -83,7 +145,9 @@ pub fn nxcache_bin() -> &'static Path {
             return PathBuf::from(explicit);
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        // Without the variables the outer `cargo test` set for this binary, which would
+        // make the nested build differ from (and redo) the one that built it.
+        let status = nxcache_testkit::env::isolate_cargo(&mut Command::new(cargo))
             .current_dir(workspace_root())
             .args(["build", "--quiet", "-p", "nxcache", "--bin", "nxcache"])
             .status()
@@ -96,7 +160,8 @@ pub fn nxcache_bin() -> &'static Path {
     })
 }
 
-/// A real `nxcache serve` process. Killed on drop.
+/// A real `nxcache serve` process, started without the caller's `NXCACHE_*` / `OTEL_*`
+/// variables (only the ones the test passes). Killed on drop.
 pub struct NodeProcess {
     child: Option<Child>,
     pub data_dir: PathBuf,
@@ -147,10 +212,13 @@ impl NodeProcess {
             .env_remove("RUST_LOG")
             .stdout(stdout)
             .stderr(Stdio::piped());
+        nxcache_testkit::env::isolate(&mut cmd);
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
+        watchdog::arm();
         let mut child = cmd.spawn().expect("spawn nxcache");
+        watchdog::adopt(child.id());
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut log = std::fs::OpenOptions::new()
@@ -174,9 +242,23 @@ impl NodeProcess {
                 }
             }
         });
-        let url = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("nxcache did not report that it is serving");
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(why) => {
+                let _ = child.kill();
+                let exited = exit_within(&mut child, EXIT_WITHIN);
+                let what = match why {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => "within a minute".to_owned(),
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        format!("before it closed its log (exit: {exited:?})")
+                    }
+                };
+                panic!(
+                    "nxcache did not report that it is serving {what}; its log: {}",
+                    self.log.display()
+                );
+            }
+        };
         self.url = url;
         self.child = Some(child);
     }
@@ -189,17 +271,24 @@ impl NodeProcess {
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
+            if exit_within(&mut child, EXIT_WITHIN).is_none() {
+                // Only a process stuck in the kernel survives SIGKILL for a minute; in a
+                // drop (the test already failing) say so rather than panic again.
+                eprintln!("pid {} survived SIGKILL for {EXIT_WITHIN:?}", child.id());
+            }
         }
     }
 
-    /// SIGTERM, then waits for the exit; returns the exit status.
+    /// SIGTERM, then waits for the exit (a minute at most, or the test fails); returns
+    /// the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        child.wait().unwrap()
+        match self.terminate_within(EXIT_WITHIN) {
+            Some(status) => status,
+            None => panic!(
+                "nxcache (pid {}) did not exit within {EXIT_WITHIN:?} of SIGTERM",
+                self.pid()
+            ),
+        }
     }
 
     /// Starts the process again with the same arguments and data dir.
@@ -216,7 +305,7 @@ impl Drop for NodeProcess {
 }
 
 pub const CLUSTER_SECRET: &str = "process-test-cluster-secret";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0001";
 
 /// A free TCP port on 127.0.0.1 for a node to bind later (see `nxcache_testkit`).
 pub use nxcache_testkit::free_port;
@@ -288,12 +377,13 @@ impl ProcessCluster {
 
 /// Runs `nxcache admin --server URL --token ADMIN_TOKEN ARGS...`; returns (success, stdout+stderr).
 pub fn admin(server: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(nxcache_bin())
-        .arg("admin")
-        .args(["--server", server, "--token", ADMIN_TOKEN])
-        .args(args)
-        .output()
-        .expect("run nxcache admin");
+    let out = output_within(
+        Command::new(nxcache_bin())
+            .arg("admin")
+            .args(["--server", server, "--token", ADMIN_TOKEN])
+            .args(args),
+        Duration::from_secs(120),
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -303,6 +393,16 @@ pub fn admin(server: &str, args: &[&str]) -> (bool, String) {
 }
 
 /// `nxcache admin status --json` of one node, parsed; None while it does not answer.
+/// Makes a token through the admin CLI (`tokens create --json` and `args`); its secret.
+pub fn create_token(server: &str, args: &[&str]) -> String {
+    let mut all = vec!["tokens", "create", "--json"];
+    all.extend_from_slice(args);
+    let (ok, out) = admin(server, &all);
+    assert!(ok, "{out}");
+    let created: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    created["token"].as_str().unwrap().to_owned()
+}
+
 pub fn admin_status(server: &str) -> Option<serde_json::Value> {
     let (ok, text) = admin(server, &["status", "--json"]);
     if !ok {
@@ -378,13 +478,29 @@ impl ProcessCluster {
     }
 }
 
-/// Sends a signal (`STOP`, `CONT`, ...) to a process.
+/// Sends a signal by name (`STOP`, `CONT`, `TERM`, `KILL`) to a process.
 pub fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{name} {pid} failed");
+    let signal = match name {
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "TERM" => libc::SIGTERM,
+        "KILL" => libc::SIGKILL,
+        other => panic!("no signal named {other} in the test helpers"),
+    };
+    send_signal(pid, signal);
+}
+
+/// `nxcache serve`'s flags parsed as the binary would (`argv[0]` is the program name),
+/// except that no `NXCACHE_*` variable of the caller fills a flag the test did not give:
+/// an in-process node is configured by its test alone.
+pub fn parse_serve_flags(argv: &[String]) -> ServeArgs {
+    use clap::{Args, FromArgMatches};
+    let command =
+        ServeArgs::augment_args(clap::Command::new("nxcache-serve")).mut_args(|arg| arg.env(None));
+    let matches = command
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| panic!("test flags {argv:?}: {e}"));
+    ServeArgs::from_arg_matches(&matches).unwrap()
 }
 
 /// Nodes of one cluster in this test process, on fixed loopback ports (so a stopped node
@@ -399,6 +515,7 @@ impl InProcessCluster {
     /// `size` nodes, each given `extra` flags (e.g. `--on-degraded strict`). With
     /// `NXCACHE_TEST_LOG` set (a filter such as `debug`), the nodes log to stderr.
     pub async fn start(size: usize, extra: &[&str]) -> Self {
+        watchdog::arm();
         if let Ok(filter) = std::env::var("NXCACHE_TEST_LOG") {
             let _ = nxcache_telemetry::init_logging(nxcache_telemetry::LogFormat::Text, &filter);
         }
@@ -422,7 +539,6 @@ impl InProcessCluster {
     }
 
     fn config_for(&self, i: usize, grpc: u16, seed: u16, extra: &[&str]) -> ServeConfig {
-        use clap::Parser;
         let data = self._dir.path().join(format!("node-{i}"));
         let listen = format!("127.0.0.1:{}", free_port());
         let grpc_addr = format!("127.0.0.1:{grpc}");
@@ -457,20 +573,7 @@ impl InProcessCluster {
             args.extend(["--join".into(), format!("127.0.0.1:{seed}")]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(subcommand)]
-            cmd: Cmd,
-        }
-        #[derive(clap::Subcommand)]
-        enum Cmd {
-            Serve(Box<ServeArgs>),
-        }
-        let Cmd::Serve(serve) =
-            Cli::try_parse_from(std::iter::once("nxcache".to_string()).chain(args))
-                .unwrap()
-                .cmd;
-        ServeConfig::merge(*serve, FileConfig::default()).unwrap()
+        ServeConfig::merge(parse_serve_flags(&args), FileConfig::default()).unwrap()
     }
 
     /// Adds a node that joins through node 0.
@@ -588,10 +691,24 @@ pub async fn get(client: &reqwest::Client, base: &str, hash: &str) -> (u16, Vec<
 /// An HTTP client whose every request gives up after a minute: a node that never
 /// answers fails the test instead of hanging it.
 pub fn http_client() -> reqwest::Client {
+    watchdog::arm();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .expect("HTTP client")
+}
+
+/// A plain-text gRPC channel to `addr` (host:port) whose connection attempt and every
+/// call give up after a minute: a node that never answers fails the test, not hangs it.
+pub async fn grpc_channel(addr: &str) -> tonic::transport::Channel {
+    watchdog::arm();
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a gRPC address")
+        .connect_timeout(Duration::from_secs(60))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to the gRPC server at {addr}: {e}"))
 }
 
 /// Whether a node's data dir holds the committed blob `key` (for the default namespace,
@@ -679,26 +796,13 @@ impl NodeProcess {
 
     /// Sends SIGTERM (a graceful shutdown) without waiting.
     pub fn sigterm(&self) {
-        let child = self.child.as_ref().expect("running");
-        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0, "SIGTERM to pid {pid} failed");
+        send_signal(self.pid(), libc::SIGTERM);
     }
 
     /// Waits at most `limit` for the process to exit; `None` when it still runs.
     pub fn wait_exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut().expect("running");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait for the child") {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = exit_within(self.child.as_mut().expect("running"), limit)?;
+        self.child = None;
+        Some(status)
     }
 }

@@ -10,6 +10,10 @@ use crate::workspace_root;
 
 pub const PROJECTS: [&str; 3] = ["alpha", "beta", "gamma"];
 
+/// How long unpacking Nx or one `nx run-many` may take before the test fails (both take
+/// seconds normally).
+const NX_WITHIN: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Unpacks the bundled Nx once per checkout (under target/) and returns its node_modules.
 ///
 /// The tests that call this run in parallel, and `install.sh` only checks for the `nx`
@@ -27,12 +31,13 @@ pub fn nx_node_modules(version: &str) -> PathBuf {
             .unwrap_or_else(|_| workspace_root().join("../shared/nx-client"));
         let staging = dest.with_file_name(format!(".{version}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
-        let out = Command::new("bash")
-            .arg(client_dir.join("install.sh"))
-            .arg(version)
-            .arg(&staging)
-            .output()
-            .expect("run the Nx client's install.sh");
+        let out = crate::output_within(
+            Command::new("bash")
+                .arg(client_dir.join("install.sh"))
+                .arg(version)
+                .arg(&staging),
+            NX_WITHIN,
+        );
         assert!(
             out.status.success(),
             "installing Nx {version} failed: {}",
@@ -115,7 +120,8 @@ impl Workspace {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let out = cmd.output().expect("run nx (is node installed?)");
+        // Without the caller's NXCACHE_* / OTEL_* variables (output_within drops them).
+        let out = crate::output_within(&mut cmd, NX_WITHIN);
         let output = strip_ansi(&format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

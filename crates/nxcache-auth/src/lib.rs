@@ -246,6 +246,48 @@ impl Authenticator for TokenSet {
     }
 }
 
+/// Name of the read-write token a node generates on a first start with none configured.
+pub const GENERATED_TOKEN_NAME: &str = "generated";
+
+/// Hex digits of a token's digest in the name of an environment token.
+const ENV_NAME_DIGEST_HEX: usize = 12;
+
+/// The name of a token from `NXCACHE_READ_WRITE_TOKENS`, `NXCACHE_READ_ONLY_TOKENS` or
+/// `NXCACHE_ADMIN_TOKENS`: its list (`read-write`, `read-only`, `admin`) and the start of
+/// its digest, e.g. `read-write-3fa2b1c9d0e4`. A name follows from the value, so a
+/// changed value is a new token (the old one is revoked with the rest of what left the
+/// environment), and the names give nothing of the secrets away.
+pub fn env_token_name(scope: Scope, digest: &Digest) -> String {
+    let list = match scope {
+        Scope::Read => "read-only",
+        Scope::ReadWrite => "read-write",
+        Scope::Admin => "admin",
+    };
+    format!("{list}-{}", &digest.to_hex()[..ENV_NAME_DIGEST_HEX])
+}
+
+/// Whether `name` is one the server gives the environment's tokens: the names of
+/// [`env_token_name`], the positional `read-write-1`, `read-only-2`, `admin-3` of
+/// earlier versions, and the generated first-start token. Such tokens follow the
+/// environment (a token created through the admin API never has such a name).
+pub fn is_env_token_name(name: &str) -> bool {
+    if name == GENERATED_TOKEN_NAME {
+        return true;
+    }
+    let Some(tail) = ["read-write-", "read-only-", "admin-"]
+        .iter()
+        .find_map(|list| name.strip_prefix(list))
+    else {
+        return false;
+    };
+    let digest_part = tail.len() == ENV_NAME_DIGEST_HEX
+        && tail
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let positional = (1..=6).contains(&tail.len()) && tail.bytes().all(|b| b.is_ascii_digit());
+    digest_part || positional
+}
+
 /// Extracts the token from an `Authorization` header value. The scheme is matched
 /// case-insensitively, as RFC 7235 says.
 pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, AuthError> {
@@ -335,6 +377,36 @@ mod tests {
         assert!(!s.remove(&Digest::of("secret-7"), "t7"));
         assert!(s.authenticate("secret-7").is_none());
         assert_eq!(s.len(), 99_999);
+    }
+
+    #[test]
+    fn environment_token_names_follow_the_value_and_are_recognised() {
+        let a = env_token_name(Scope::ReadWrite, &Digest::of("first-secret-value"));
+        let b = env_token_name(Scope::ReadWrite, &Digest::of("other-secret-value"));
+        assert!(a.starts_with("read-write-") && a.len() == "read-write-".len() + 12);
+        assert_ne!(a, b, "another value is another token");
+        assert!(!a.contains("first"));
+        let admin = env_token_name(Scope::Admin, &Digest::of("first-secret-value"));
+        for name in [
+            a.as_str(),
+            &b,
+            &admin,
+            "read-only-2",
+            "admin-1",
+            "generated",
+        ] {
+            assert!(is_env_token_name(name), "{name}");
+        }
+        for name in [
+            "ci",
+            "read-write",
+            "read-write-",
+            "admin-x1",
+            "admin-1234567",
+            "laptop-1",
+        ] {
+            assert!(!is_env_token_name(name), "{name}");
+        }
     }
 
     #[test]

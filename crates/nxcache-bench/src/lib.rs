@@ -40,6 +40,41 @@ pub struct BenchArgs {
     /// Print one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Which of nxcache's protocols to load, at its default mount point below --url.
+    #[arg(long, value_enum, default_value_t = Protocol::Nx)]
+    pub protocol: Protocol,
+}
+
+/// The cache protocols nxcache serves; each names an object differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `/v1/cache/{hash}`
+    Nx,
+    /// `/bazel/ac/{sha256}` (action results: no digest check on upload)
+    Bazel,
+    /// `/gradle/{key}`
+    Gradle,
+    /// `/ccache/{key[..2]}/{key[2..]}` (the subdirs layout)
+    Ccache,
+    /// `/v8/artifacts/{hash}?slug=bench`
+    Turbo,
+}
+
+impl Protocol {
+    /// The URL of object `id` below `base`.
+    fn object_url(self, base: &str, id: u64) -> String {
+        match self {
+            Protocol::Nx => format!("{base}/v1/cache/{id}"),
+            Protocol::Bazel => format!("{base}/bazel/ac/{id:064x}"),
+            Protocol::Gradle => format!("{base}/gradle/{id:032x}"),
+            Protocol::Ccache => {
+                let key = format!("{id:034x}");
+                format!("{base}/ccache/{}/{}", &key[..2], &key[2..])
+            }
+            Protocol::Turbo => format!("{base}/v8/artifacts/{id:016x}?slug=bench"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +92,7 @@ pub struct PhaseReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub url: String,
+    pub protocol: Protocol,
     pub object_bytes: u64,
     pub concurrency: usize,
     pub put: PhaseReport,
@@ -114,11 +150,11 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     rand::rng().fill_bytes(&mut payload);
     let payload = Bytes::from(payload);
     // A fresh key range per run: repeated runs never hit each other's objects.
-    let run_id = rand::rng().next_u32() % 1_000_000_000;
+    let run_id = u64::from(rand::rng().next_u32() % 1_000_000_000);
     let base = args.url.trim_end_matches('/').to_owned();
     let urls: Arc<Vec<String>> = Arc::new(
-        (0..args.count)
-            .map(|i| format!("{base}/v1/cache/{run_id}{i:09}"))
+        (0..args.count as u64)
+            .map(|i| args.protocol.object_url(&base, run_id * 1_000_000_000 + i))
             .collect(),
     );
     let auth = args.token.as_ref().map(|t| format!("Bearer {t}"));
@@ -167,6 +203,7 @@ pub async fn bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     .await;
     Ok(BenchReport {
         url: args.url.clone(),
+        protocol: args.protocol,
         object_bytes: size as u64,
         concurrency: args.concurrency,
         put,

@@ -1,19 +1,17 @@
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, FromArgMatches};
 
 use super::*;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
+/// The flags parsed as `nxcache serve` would, except that the caller's `NXCACHE_*`
+/// variables fill nothing: these tests are about the flags and the file.
 fn args(list: &[&str]) -> ServeArgs {
     let mut argv = vec!["nxcache"];
     argv.extend_from_slice(list);
-    Cli::try_parse_from(argv).unwrap().serve
+    let command =
+        ServeArgs::augment_args(clap::Command::new("nxcache")).mut_args(|arg| arg.env(None));
+    ServeArgs::from_arg_matches(&command.try_get_matches_from(argv).unwrap()).unwrap()
 }
 
 #[test]
@@ -38,7 +36,7 @@ fn flags_override_the_file_and_the_file_overrides_defaults() {
         max-artifact-size = 1000
         ttl = "7d"
         fsync = "off"
-        read-only-tokens = ["ro1", "ro2"]
+        read-only-tokens = ["read-only-token-0001", "read-only-token-0002"]
         "#,
     )
     .unwrap();
@@ -64,7 +62,10 @@ fn unknown_keys_in_the_file_are_errors() {
 #[test]
 fn token_lists_are_comma_separated_and_blank_entries_dropped() {
     let c = ServeConfig::merge(
-        args(&["--read-write-tokens", "a, b,,"]),
+        args(&[
+            "--read-write-tokens",
+            "aaaaaaaaaaaaaaaa, bbbbbbbbbbbbbbbb,,",
+        ]),
         FileConfig::default(),
     )
     .unwrap();
@@ -73,9 +74,9 @@ fn token_lists_are_comma_separated_and_blank_entries_dropped() {
         .iter()
         .map(|t| t.expose().to_owned())
         .collect();
-    assert_eq!(tokens, ["a", "b"]);
+    assert_eq!(tokens, ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"]);
     assert!(
-        !format!("{c:?}").contains("\"a\""),
+        !format!("{c:?}").contains("aaaaaaaaaaaaaaaa"),
         "tokens must not show in Debug"
     );
 }
@@ -248,4 +249,116 @@ fn statefulset_host_names_give_the_node_id() {
     assert_eq!(ordinal_of("nxcache-1\n"), Some(1));
     assert_eq!(ordinal_of("my-cache-13"), Some(13));
     assert_eq!(ordinal_of("laptop"), None);
+}
+
+#[test]
+fn shipped_placeholders_and_short_secrets_are_refused_naming_the_variable() {
+    let long = "0123456789abcdef0123";
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--read-write-tokens", "change-me-read-write-token"],
+            "NXCACHE_READ_WRITE_TOKENS",
+        ),
+        (
+            &[
+                "--read-only-tokens",
+                &format!("{long},change-me-read-only-token"),
+            ],
+            "NXCACHE_READ_ONLY_TOKENS (--read-only-tokens): token 2 of 2",
+        ),
+        (
+            &["--admin-tokens", "CHANGE-ME-admin-token"],
+            "NXCACHE_ADMIN_TOKENS",
+        ),
+        (
+            &[
+                "--cluster-secret",
+                "change-me-to-a-long-random-cluster-secret",
+            ],
+            "NXCACHE_CLUSTER_SECRET",
+        ),
+        (
+            &["--read-write-tokens", "fifteen-chars.."],
+            "NXCACHE_READ_WRITE_TOKENS",
+        ),
+        (&["--cluster-secret", "short"], "NXCACHE_CLUSTER_SECRET"),
+    ];
+    for (flags, variable) in cases {
+        let err = ServeConfig::merge(args(flags), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(variable), "{flags:?}: {err}");
+        assert!(err.contains("openssl rand -hex 32"), "{flags:?}: {err}");
+        // The refused value is never echoed.
+        assert!(!err.contains(flags[1]), "{flags:?}: {err}");
+    }
+    // Sixteen characters are enough.
+    let c = ServeConfig::merge(
+        args(&["--read-write-tokens", "sixteen-chars..."]),
+        FileConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(c.read_write_tokens.len(), 1);
+}
+
+#[test]
+fn the_shipped_example_files_do_not_start_a_node() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let examples = [
+        std::fs::read_to_string(root.join(".env.example")).unwrap(),
+        std::fs::read_to_string(root.join("deploy/kubernetes/secret.yaml")).unwrap(),
+    ];
+    for text in examples {
+        let mut checked = 0;
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            let Some((key, value)) = line.split_once(['=', ':']) else {
+                continue;
+            };
+            let value = value.trim().trim_matches('"');
+            let flag = match key.trim() {
+                "NXCACHE_CLUSTER_SECRET" => "--cluster-secret",
+                "NXCACHE_READ_WRITE_TOKENS" => "--read-write-tokens",
+                "NXCACHE_READ_ONLY_TOKENS" => "--read-only-tokens",
+                "NXCACHE_ADMIN_TOKENS" => "--admin-tokens",
+                _ => continue,
+            };
+            let err = ServeConfig::merge(args(&[flag, value]), FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key.trim()), "{err}");
+            checked += 1;
+        }
+        assert_eq!(checked, 4, "every secret of {text}");
+    }
+}
+
+#[test]
+fn protocol_mount_points_default_move_and_turn_off() {
+    let parse = |list: &[&str]| ServeConfig::merge(args(list), FileConfig::default());
+    let defaults = parse(&[]).unwrap();
+    assert_eq!(defaults.bazel_path.as_deref(), Some("/bazel"));
+    assert_eq!(defaults.gradle_path.as_deref(), Some("/gradle"));
+    assert_eq!(defaults.ccache_path.as_deref(), Some("/ccache"));
+    assert!(defaults.turborepo);
+    let moved = parse(&[
+        "--bazel-path",
+        "/tools/bazel/",
+        "--ccache-path",
+        "off",
+        "--turborepo",
+        "off",
+    ])
+    .unwrap();
+    assert_eq!(moved.bazel_path.as_deref(), Some("/tools/bazel"));
+    assert_eq!(moved.ccache_path, None);
+    assert!(!moved.turborepo);
+    for bad in [
+        &["--gradle-path", "gradle"][..],
+        &["--gradle-path", "/v1/x"],
+        &["--gradle-path", "/"],
+        &["--gradle-path", "/bazel/g"],
+        &["--bazel-path", "/c", "--ccache-path", "/c"],
+    ] {
+        assert!(parse(bad).is_err(), "{bad:?}");
+    }
 }

@@ -229,6 +229,12 @@ pub trait ClusterControl: Send + Sync + 'static {
     /// Ok when this node can serve: it holds the cluster's state and its tokens (a leader
     /// is not needed).
     fn readiness(&self) -> Result<(), String>;
+    /// Ok while this node's part of the control plane runs; the error (a metadata log that
+    /// stopped on a storage failure) means only a restart helps: `/healthz` then answers
+    /// 503 so that a supervisor restarts the node.
+    fn liveness(&self) -> Result<(), String> {
+        Ok(())
+    }
     fn status(&self) -> BoxFuture<'_, StatusView>;
     fn tokens(&self) -> BoxFuture<'_, Result<Vec<TokenView>, AdminError>>;
     fn settings(&self) -> SettingsView;
@@ -344,6 +350,15 @@ pub(crate) async fn create_token(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "A token name is 1 to 64 characters from A-Z, a-z, 0-9, '-', '_' and '.'.",
+        ));
+    }
+    if nxcache_auth::is_env_token_name(&request.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "The name {:?} is of the form the server gives the environment's tokens (read-write-N, read-only-N, admin-N, generated), which follow NXCACHE_*_TOKENS and are removed when they leave it: choose another name.",
+                request.name
+            ),
         ));
     }
     let scope = Scope::parse(&request.scope).ok_or_else(|| {

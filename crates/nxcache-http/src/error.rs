@@ -10,6 +10,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: Cow<'static, str>,
     pub retry_after_secs: Option<u32>,
+    /// Sends `WWW-Authenticate: Basic` (a 401 to clients that answer a challenge).
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -18,7 +20,14 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after_secs: None,
+            challenge: false,
         }
+    }
+
+    /// Asks for Basic credentials (`WWW-Authenticate`).
+    pub fn challenge(mut self) -> Self {
+        self.challenge = true;
+        self
     }
 
     pub fn retry_after(mut self, secs: u32) -> Self {
@@ -36,7 +45,7 @@ impl ApiError {
                 ),
             ),
             StoreError::LargerThanBudget { size, budget } => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
+                StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "The artifact ({size} bytes) is larger than the server's whole disk budget ({budget} bytes); nothing was stored. Raise --max-disk-usage (NXCACHE_MAX_DISK_USAGE) on the server."
                 ),
@@ -85,6 +94,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"nxcache\""),
+            );
         }
         response
     }

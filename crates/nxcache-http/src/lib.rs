@@ -1,6 +1,7 @@
 //! The public HTTP API of a node: the Nx "custom remote cache" contract
-//! (`PUT`/`GET`/`HEAD /v1/cache/{hash}`) and the admin API (`/admin/v1/...`) under a
-//! configurable base path, plus the operator endpoints `/healthz`, `/readyz`, `/metrics`.
+//! (`PUT`/`GET`/`HEAD /v1/cache/{hash}`), the Bazel, Gradle, ccache and Turborepo cache
+//! protocols ([`protocols`]) and the admin API (`/admin/v1/...`) under a configurable
+//! base path, plus the operator endpoints `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Handlers are thin: they check the token, the hash and the framing, then hand the body
 //! to the store as a stream. Every error becomes one [`ApiError`]: a status code and a
@@ -12,6 +13,8 @@ mod cache;
 mod error;
 mod metrics;
 mod ops;
+mod protocols;
+mod throttle;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,9 @@ pub use admin::{
 };
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
+pub use ops::{READINESS_CHECK_EVERY, check_disk, run_readiness_checks};
+pub use protocols::ProtocolMounts;
+pub use throttle::{AuthThrottle, ClientAddr};
 
 /// How the contract behaves; set from the server configuration.
 #[derive(Debug, Clone)]
@@ -41,12 +47,41 @@ pub struct ApiConfig {
     pub put_success_status: StatusCode,
     /// An upload that sends nothing for this long is cut off (slow or stalled clients).
     pub body_idle_timeout: Duration,
+    /// The pace an upload must keep (trickling uploads cannot hold slots or space).
+    pub upload_pace: UploadPace,
+    /// When set, `/metrics` answers only a request bearing this token.
+    pub metrics_token: Option<nxcache_auth::Digest>,
+    /// Where the Bazel, Gradle, ccache and Turborepo APIs are served (below `base_path`).
+    pub protocols: ProtocolMounts,
 }
 
-/// Whether the node should receive traffic: false while it shuts down.
-#[derive(Clone, Default)]
+/// Minimum pace of an upload: after `grace`, at least `min_rate` bytes per second on
+/// average since it began; and done within `deadline` whatever its pace.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadPace {
+    /// Bytes per second; 0: no minimum.
+    pub min_rate: u64,
+    pub grace: Duration,
+    pub deadline: Duration,
+}
+
+/// Whether the node should receive traffic: false while it shuts down, or while the
+/// background check finds the data directory refusing writes. Reading it costs nothing:
+/// probes never touch the disk.
+#[derive(Clone)]
 pub struct Readiness {
     draining: Arc<AtomicBool>,
+    /// Why the data directory is not usable, per the last background check.
+    disk: Arc<std::sync::RwLock<Option<String>>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            draining: Arc::default(),
+            disk: Arc::new(std::sync::RwLock::new(None)),
+        }
+    }
 }
 
 impl Readiness {
@@ -56,6 +91,16 @@ impl Readiness {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Records the outcome of a check of the data directory.
+    pub fn set_disk(&self, outcome: Result<(), String>) {
+        *self.disk.write().unwrap_or_else(|e| e.into_inner()) = outcome.err();
+    }
+
+    /// The problem the last check of the data directory found, if any.
+    pub fn disk_problem(&self) -> Option<String> {
+        self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -76,27 +121,81 @@ pub struct ApiState {
 }
 
 /// The uploads a node takes at once: each holds a body stream, a file and replica
-/// streams, so their number is what bounds its memory and descriptors under a burst.
+/// streams, so their number is what bounds its memory and descriptors under a burst. One
+/// token may hold only some of them, so that one client (a pull request's job, a leaked
+/// token) cannot take every slot.
 #[derive(Clone)]
 pub struct UploadSlots {
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
+    per_token: usize,
+    by_token: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// Why an upload was refused a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotRefusal {
+    /// Every slot of the node is taken.
+    Node,
+    /// The token already has its share in progress.
+    Token,
+}
+
+/// A slot held by an upload in progress; given back when dropped.
+pub(crate) struct UploadSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    token: String,
+    by_token: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut by_token = self.by_token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_token.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                by_token.remove(&self.token);
+            }
+        }
+    }
 }
 
 impl UploadSlots {
-    pub fn new(limit: usize) -> Self {
+    /// `limit` uploads at once, at most `per_token` of them with one token.
+    pub fn new(limit: usize, per_token: usize) -> Self {
         UploadSlots {
             slots: Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
+            per_token,
+            by_token: Arc::default(),
         }
     }
 
-    pub(crate) fn try_take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
+    pub(crate) fn try_take(&self, token: &str) -> Result<UploadSlot, SlotRefusal> {
+        let mut by_token = self.by_token.lock().unwrap_or_else(|e| e.into_inner());
+        let held = by_token.get(token).copied().unwrap_or(0);
+        if held >= self.per_token {
+            return Err(SlotRefusal::Token);
+        }
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SlotRefusal::Node)?;
+        by_token.insert(token.to_owned(), held + 1);
+        Ok(UploadSlot {
+            _permit: permit,
+            token: token.to_owned(),
+            by_token: self.by_token.clone(),
+        })
     }
 
     pub(crate) fn limit(&self) -> usize {
         self.limit
+    }
+
+    pub(crate) fn per_token(&self) -> usize {
+        self.per_token
     }
 }
 
@@ -131,7 +230,8 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/admin/v1/tokens/{name}",
             axum::routing::delete(admin::revoke_token),
-        );
+        )
+        .merge(protocols::routes(&state.config.protocols));
     let base = state.config.base_path.clone();
     let app = Router::new()
         .route("/healthz", get(ops::healthz))
@@ -147,6 +247,10 @@ pub fn router(state: ApiState) -> Router {
         // Uploads are bounded by --max-artifact-size against Content-Length, before
         // anything is read; the framework's generic limit would only get in the way.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            throttle::guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

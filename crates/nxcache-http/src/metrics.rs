@@ -9,6 +9,7 @@ use prometheus::{
 use tracing::Instrument;
 
 use crate::ApiState;
+use crate::protocols::Protocol;
 
 /// HTTP metrics. Labels are bounded: a route name, never a hash or a token.
 #[derive(Clone)]
@@ -16,12 +17,22 @@ pub struct HttpMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     in_flight: IntGauge,
-    pub(crate) received_bytes: IntCounter,
+    received_bytes: IntCounter,
     pub(crate) sent_bytes: IntCounter,
     pub(crate) hits: IntCounter,
     pub(crate) misses: IntCounter,
     pub(crate) read_errors: IntCounter,
     pub(crate) remote_hits: IntCounter,
+    pub(crate) uploads_in_progress: IntGauge,
+    pub(crate) uploads_cut: IntCounterVec,
+    pub(crate) uploads_refused: IntCounterVec,
+    /// Failed authentication per client address, and its metrics.
+    pub(crate) auth_throttle: crate::AuthThrottle,
+    /// The same four, by protocol (`nx`, `bazel`, `gradle`, `ccache`, `turbo`).
+    protocol_hits: IntCounterVec,
+    protocol_misses: IntCounterVec,
+    protocol_received_bytes: IntCounterVec,
+    protocol_sent_bytes: IntCounterVec,
 }
 
 impl HttpMetrics {
@@ -74,6 +85,27 @@ impl HttpMetrics {
             "Hits served from another member after a local miss (also counted as hits).",
         )?;
         registry.register(Box::new(remote_hits.clone()))?;
+        let uploads_in_progress = IntGauge::new(
+            "nxcache_http_uploads_in_progress",
+            "Uploads holding a slot: from the slot taken to the answer.",
+        )?;
+        registry.register(Box::new(uploads_in_progress.clone()))?;
+        let uploads_cut = IntCounterVec::new(
+            Opts::new(
+                "nxcache_http_uploads_cut_total",
+                "Uploads cut with 408 before their body was complete, by reason: stalled (no data for --body-idle-timeout), too_slow (under --upload-min-rate after the grace), deadline (--upload-deadline).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(uploads_cut.clone()))?;
+        let uploads_refused = IntCounterVec::new(
+            Opts::new(
+                "nxcache_http_uploads_refused_total",
+                "Uploads refused a slot, by reason: node_limit (--max-concurrent-uploads, 503) or token_limit (--max-uploads-per-token, 429).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(uploads_refused.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -81,6 +113,31 @@ impl HttpMetrics {
         registry.register(Box::new(sent_bytes.clone()))?;
         registry.register(Box::new(hits.clone()))?;
         registry.register(Box::new(misses.clone()))?;
+        let by_protocol = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let family = IntCounterVec::new(Opts::new(name, help), &["protocol"])?;
+            registry.register(Box::new(family.clone()))?;
+            // Every protocol's series exists from the start (rates need a zero).
+            for protocol in Protocol::ALL {
+                family.with_label_values(&[protocol.label()]);
+            }
+            Ok(family)
+        };
+        let protocol_hits = by_protocol(
+            "nxcache_protocol_hits_total",
+            "GET and HEAD requests that found their artifact, by client protocol.",
+        )?;
+        let protocol_misses = by_protocol(
+            "nxcache_protocol_misses_total",
+            "GET and HEAD requests that did not find their artifact, by client protocol.",
+        )?;
+        let protocol_received_bytes = by_protocol(
+            "nxcache_protocol_received_bytes_total",
+            "Artifact bytes received in upload bodies, by client protocol.",
+        )?;
+        let protocol_sent_bytes = by_protocol(
+            "nxcache_protocol_sent_bytes_total",
+            "Artifact bytes sent in download bodies, by client protocol.",
+        )?;
         Ok(HttpMetrics {
             requests,
             duration,
@@ -91,13 +148,57 @@ impl HttpMetrics {
             misses,
             read_errors,
             remote_hits,
+            uploads_in_progress,
+            uploads_cut,
+            uploads_refused,
+            auth_throttle: crate::AuthThrottle::register(registry)?,
+            protocol_hits,
+            protocol_misses,
+            protocol_received_bytes,
+            protocol_sent_bytes,
         })
+    }
+
+    /// A hit; `remote`: answered from another member's store.
+    pub(crate) fn hit(&self, protocol: Protocol, remote: bool) {
+        self.hits.inc();
+        if remote {
+            self.remote_hits.inc();
+        }
+        self.protocol_hits
+            .with_label_values(&[protocol.label()])
+            .inc();
+    }
+
+    pub(crate) fn miss(&self, protocol: Protocol) {
+        self.misses.inc();
+        self.protocol_misses
+            .with_label_values(&[protocol.label()])
+            .inc();
+    }
+
+    pub(crate) fn received(&self, protocol: Protocol, bytes: u64) {
+        self.received_bytes.inc_by(bytes);
+        self.protocol_received_bytes
+            .with_label_values(&[protocol.label()])
+            .inc_by(bytes);
+    }
+
+    pub(crate) fn sent(&self, protocol: Protocol, bytes: u64) {
+        self.sent_bytes.inc_by(bytes);
+        self.protocol_sent_bytes
+            .with_label_values(&[protocol.label()])
+            .inc_by(bytes);
     }
 }
 
 fn route_label(path: Option<&MatchedPath>) -> &'static str {
     match path.map(|p| p.as_str()) {
         Some(p) if p.ends_with("/v1/cache/{hash}") => "cache",
+        Some(p) if p.contains("/v8/artifacts") => "turbo",
+        Some(p) if p.ends_with(Protocol::Bazel.capture()) => "bazel",
+        Some(p) if p.ends_with(Protocol::Gradle.capture()) => "gradle",
+        Some(p) if p.ends_with(Protocol::Ccache.capture()) => "ccache",
         Some(p) if p.contains("/admin/v1/") => "admin",
         Some("/healthz") => "healthz",
         Some("/readyz") => "readyz",

@@ -246,14 +246,32 @@ impl MetaNode {
     }
 
     /// Adds the environment's tokens once a leader can take the write (in commands small
-    /// enough for one log entry each).
-    pub(crate) fn spawn_seed(&self, tokens: BTreeMap<String, TokenRecord>) {
+    /// enough for one log entry each), then, given `prune`, removes the environment
+    /// tokens not in it.
+    pub(crate) fn spawn_seed(
+        &self,
+        tokens: BTreeMap<String, TokenRecord>,
+        prune: Option<BTreeSet<String>>,
+    ) {
         let node = self.clone();
         let stopped = self.stopped();
+        let mut commands: Vec<MetaCommand> = seed_batches(tokens)
+            .into_iter()
+            .map(|tokens| MetaCommand::SeedTokens { tokens })
+            .collect();
+        if let Some(keep) = prune {
+            let command = MetaCommand::PruneEnvTokens { keep };
+            if serde_json::to_vec(&command).map_or(0, |c| c.len()) <= MAX_COMMAND_BYTES {
+                commands.push(command);
+            } else {
+                tracing::warn!(
+                    "too many environment tokens to remove the ones left out of the environment in one change: revoke them with `nxcache admin tokens revoke`"
+                );
+            }
+        }
         self.spawn(tokio::spawn(async move {
             tokio::pin!(stopped);
-            for tokens in seed_batches(tokens) {
-                let command = MetaCommand::SeedTokens { tokens };
+            for command in commands {
                 loop {
                     let written = tokio::select! {
                         _ = &mut stopped => return,
@@ -263,6 +281,17 @@ impl MetaNode {
                         Ok(MetaResponse::Seeded { added }) => {
                             if added > 0 {
                                 tracing::info!(added, "seeded tokens from the environment");
+                            }
+                            break;
+                        }
+                        Ok(MetaResponse::Pruned { removed }) => {
+                            if removed > 0 {
+                                tracing::info!(
+                                    target: "audit",
+                                    action = "token.revoke_env",
+                                    removed,
+                                    "revoked the tokens no longer in this node's environment"
+                                );
                             }
                             break;
                         }

@@ -81,7 +81,58 @@ impl MetaNode {
                 serde_json::from_slice(&answer.into_inner().result)
                     .map_err(|e| MetaError::Raft(e.to_string()))
             }
+            Err(RaftError::Fatal(fatal)) => Err(self.core_stopped(&fatal)),
             Err(err) => Err(MetaError::Raft(err.to_string())),
         }
+    }
+
+    /// Why this node's Raft core stopped, when it stopped on an error (a storage failure,
+    /// a panic) rather than by a shutdown: such a node takes no part in the control plane
+    /// until it is restarted.
+    pub fn core_failure(&self) -> Option<String> {
+        if *self.inner.stop.borrow() {
+            return None;
+        }
+        let watch = self.inner.raft.metrics();
+        let running = watch.borrow().running_state.clone();
+        match running {
+            // The metrics' sender gone while the last state says "running": the core's
+            // task ended without saying why (a panic).
+            Ok(()) if watch.has_changed().is_err() => Some("the Raft core panicked".into()),
+            Ok(()) => None,
+            Err(openraft::error::Fatal::Stopped) => {
+                Some("the Raft core stopped while the node runs".into())
+            }
+            Err(fatal) => Some(fatal.to_string()),
+        }
+    }
+
+    /// Resolves once this node's Raft core has stopped on an error (see
+    /// [`MetaNode::core_failure`]), with why; never while it runs or after a shutdown.
+    pub async fn core_failed(&self) -> String {
+        let mut watch = self.inner.raft.metrics();
+        loop {
+            if let Some(why) = self.core_failure() {
+                return why;
+            }
+            if watch.changed().await.is_err() {
+                match self.core_failure() {
+                    Some(why) => return why,
+                    // Shut down: nothing failed.
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        }
+    }
+
+    /// The answer to a call that reached a stopped Raft core: unavailable here, with what
+    /// to do about it.
+    pub(crate) fn core_stopped(&self, fatal: &openraft::error::Fatal<NodeId>) -> MetaError {
+        MetaError::Unavailable(format!(
+            "node {}'s metadata log has stopped ({fatal}): it cannot take part in cluster \
+             changes until it is restarted (it reports itself unhealthy on /healthz). Retry \
+             through another node, and check its log and free disk space",
+            self.inner.id
+        ))
     }
 }

@@ -21,6 +21,9 @@ pub(crate) const ACTION_TIMEOUT: Duration = Duration::from_secs(7);
 /// A follower's wait for the leader's answer to a forwarded action: the leader's own
 /// deadline and a margin, so the leader's explanation gets through.
 pub(crate) const FORWARD_TIMEOUT: Duration = Duration::from_secs(9);
+/// How long a leader that removed itself waits, beyond its action's deadline, for the
+/// others to elect the next leader (a few election timeouts).
+const ELECTION_GRACE: Duration = Duration::from_secs(5);
 /// How long the leader works on one join (adding the node, waiting until it caught up,
 /// promoting it); a joiner that is not caught up by then asks again.
 pub(crate) const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -189,6 +192,13 @@ impl MetaNode {
             self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), deadline)
                 .await?;
         }
+        if id == self.inner.id {
+            // This leader is no voter any more: openraft lets it commit nothing else (a
+            // further membership entry would break its state), so the next leader removes
+            // the node record and tops the voters up.
+            drop(_one_at_a_time);
+            return self.hand_on_own_removal(deadline).await;
+        }
         if self.record(id).is_some() {
             self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), deadline)
                 .await?;
@@ -200,6 +210,56 @@ impl MetaNode {
             tracing::info!(%err, "voters not topped up yet after a removal; retrying in the background");
         }
         Ok(())
+    }
+
+    /// The rest of removing this node, once it left the voters while it led: stops its
+    /// heartbeats (openraft 0.9 keeps a leader that left the voters leading, and has no
+    /// leadership transfer; the voters elect another once its lease runs out), waits for
+    /// the next leader, then asks it to finish the removal.
+    async fn hand_on_own_removal(&self, deadline: Instant) -> Result<(), MetaError> {
+        let me = self.inner.id;
+        let timeout = deadline.saturating_duration_since(Instant::now()) + ELECTION_GRACE;
+        self.inner.raft.runtime_config().heartbeat(false);
+        let elected = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another node leads",
+            )
+            .await;
+        // Following now (or still leading, when no one was elected): heartbeats matter
+        // only to a leader, and one that leads again needs them.
+        self.inner.raft.runtime_config().heartbeat(true);
+        let next = elected
+            .map_err(|_| {
+                MetaError::Unavailable(format!(
+                    "node {me} left the voters, but no other leader was elected within {}s; \
+                     retry the removal once `nxcache admin status` shows a leader",
+                    timeout.as_secs()
+                ))
+            })?
+            .current_leader
+            .ok_or(MetaError::NoLeader)?;
+        tracing::info!(
+            next_leader = next,
+            "left the voters while leading; the next leader finishes the removal"
+        );
+        let mut client = self.membership_client(next)?;
+        tokio::time::timeout(FORWARD_TIMEOUT, client.remove(RemoveRequest { id: me }))
+            .await
+            .map_err(|_| no_answer(next, FORWARD_TIMEOUT))?
+            .map_err(|status| match status.code() {
+                // Removed meanwhile: done.
+                tonic::Code::NotFound => MetaError::NotAMember(me),
+                _ => forwarded(next, &status),
+            })
+            .map(|_| ())
+            .or_else(|err| match err {
+                MetaError::NotAMember(_) => Ok(()),
+                err => Err(err),
+            })
     }
 
     /// Promotes caught-up learners while there are fewer voters than min(`max_voters`,
@@ -325,6 +385,14 @@ impl MetaNode {
         deadline: Instant,
     ) -> Result<(), MetaError> {
         loop {
+            if !self.voters().contains(&self.inner.id) {
+                // A leader that took itself out of the voters still leads until its
+                // change commits, but openraft allows it no further membership change.
+                return Err(MetaError::Unavailable(
+                    "this node left the voters and is handing leadership on; retry in a moment"
+                        .into(),
+                ));
+            }
             let attempt = tokio::time::timeout_at(
                 deadline,
                 self.inner.raft.change_membership(change.clone(), true),
@@ -351,6 +419,7 @@ impl MetaNode {
                         "this node stopped leading during the change; retry".into(),
                     ));
                 }
+                Ok(Err(RaftError::Fatal(fatal))) => return Err(self.core_stopped(&fatal)),
                 Ok(Err(err)) => return Err(MetaError::Raft(err.to_string())),
                 Err(_) => return Err(no_quorum()),
             }

@@ -11,6 +11,7 @@ pub struct MetaMetrics {
     leader: IntGauge,
     is_leader: IntGauge,
     has_leader: IntGauge,
+    core_up: IntGauge,
     snapshot_bytes: IntGauge,
     last_log_index: IntGauge,
     applied_index: IntGauge,
@@ -89,6 +90,10 @@ impl MetaMetrics {
                 "nxcache_raft_has_leader",
                 "1 while this node knows a Raft leader; 0 while it is cut off (it serves from its own tokens and data, and receives no revocation).",
             )?,
+            core_up: gauge(
+                "nxcache_raft_core_up",
+                "1 while this node's Raft core runs; 0 once it stopped on an error (a storage failure): the node leaves the control plane and must be restarted (it exits, and /healthz answers 503).",
+            )?,
             snapshot_bytes: gauge(
                 "nxcache_raft_snapshot_bytes",
                 "Size of this node's current metadata snapshot file.",
@@ -127,6 +132,11 @@ impl MetaMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// The core ended without saying why (its task panicked).
+    pub(crate) fn core_down(&self) {
+        self.core_up.set(0);
+    }
+
     pub(crate) fn rejected(&self, reason: &str) {
         self.rejected_calls.with_label_values(&[reason]).inc();
     }
@@ -142,6 +152,7 @@ impl MetaMetrics {
         self.leader.set(leader.map_or(-1, |l| l as i64));
         self.is_leader.set(i64::from(leader == Some(m.id)));
         self.has_leader.set(i64::from(leader.is_some()));
+        self.core_up.set(i64::from(m.running_state.is_ok()));
         self.snapshot_bytes.set(snapshot_bytes as i64);
         self.last_log_index
             .set(m.last_log_index.map_or(0, |i| i as i64));

@@ -104,8 +104,13 @@ pub struct MetaConfig {
     /// gRPC addresses of the seeds (members, or nodes that form the cluster together) to
     /// ask, when this node has no state.
     pub join: Vec<String>,
-    /// Tokens from the environment, added to the cluster's table if their names are free.
+    /// Tokens from the environment, added to the cluster's table if their names are free
+    /// and not revoked.
     pub seed_tokens: BTreeMap<String, TokenRecord>,
+    /// `seed_tokens` are the environment's whole set: once they are seeded, the cluster's
+    /// other environment tokens and its generated first-start token are removed
+    /// ([`MetaCommand::PruneEnvTokens`]).
+    pub prune_env_tokens: bool,
     pub timing: RaftTiming,
     /// Test hook: links to cut. Leave empty.
     pub faults: Faults,
@@ -296,7 +301,8 @@ impl MetaNode {
         .await
         .map_err(|e| MetaError::Raft(e.to_string()))?;
         let (stop, _) = watch::channel(false);
-        // Tokens a restarted node holds already need no leader to be seeded again.
+        // Tokens a restarted node holds already need no leader to be seeded again (nor
+        // pruned, when the cluster holds no environment token beyond them).
         let mut seeded = true;
         for (name, token) in &config.seed_tokens {
             match store.token(name).map_err(|e| storage(&e))? {
@@ -307,6 +313,19 @@ impl MetaNode {
                 Some(_) => {}
                 None => seeded &= store.is_revoked(name).map_err(|e| storage(&e))?,
             }
+        }
+        let prune = config.prune_env_tokens.then(|| {
+            config
+                .seed_tokens
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+        });
+        if let Some(keep) = &prune {
+            let held = store.tokens().map_err(|e| storage(&e))?;
+            seeded &= !held
+                .iter()
+                .any(|(name, _)| nxcache_auth::is_env_token_name(name) && !keep.contains(name));
         }
         let node = MetaNode {
             inner: Arc::new(Inner {
@@ -328,11 +347,14 @@ impl MetaNode {
             }),
         };
         let grpc_metrics = GrpcServerMetrics::register(registry).map_err(|e| storage(&e))?;
+        let audit = nxcache_telemetry::AuditLimiter::register(registry, "inter_node")
+            .map_err(|e| storage(&e))?;
         node.spawn_server(
             listener,
             config.tls.as_ref(),
             config.peer_services,
             metrics.clone(),
+            audit,
             grpc_metrics,
         )?;
         node.spawn_metrics(metrics);
@@ -348,7 +370,7 @@ impl MetaNode {
             }
         }
         if !seeded {
-            node.spawn_seed(config.seed_tokens);
+            node.spawn_seed(config.seed_tokens, prune);
         }
         Ok(node)
     }
@@ -374,26 +396,31 @@ impl MetaNode {
         tls: Option<&PeerTls>,
         peer_services: Option<PeerServices>,
         metrics: MetaMetrics,
+        audit: nxcache_telemetry::AuditLimiter,
         grpc_metrics: GrpcServerMetrics,
     ) -> Result<(), MetaError> {
         let reject: Arc<RejectHook> = Arc::new(
             move |reason: &'static str, peer: Option<std::net::SocketAddr>| {
                 // In the audit trail: a misconfigured node, a node of another cluster, a
-                // node back with an empty disk, or someone probing the port.
-                tracing::warn!(
-                    target: "audit",
-                    action = "inter_node.refused",
-                    reason,
-                    peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-                    "refused an inter-node call: {}",
-                    match reason {
-                        "missing" | "wrong" => "bad cluster secret",
-                        "other_cluster" => "it comes from another cluster",
-                        "no_cluster_id" => "the caller belongs to no cluster",
-                        "incarnation" => "addressed to this node's previous data dir",
-                        _ => "refused by the service",
-                    }
-                );
+                // node back with an empty disk, or someone probing the port (rate-limited:
+                // a flood of calls cannot flood the log).
+                if let Some(suppressed) = audit.admit() {
+                    tracing::warn!(
+                        target: "audit",
+                        action = "inter_node.refused",
+                        reason,
+                        suppressed,
+                        peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+                        "refused an inter-node call: {}",
+                        match reason {
+                            "missing" | "wrong" => "bad cluster secret",
+                            "other_cluster" => "it comes from another cluster",
+                            "no_cluster_id" => "the caller belongs to no cluster",
+                            "incarnation" => "addressed to this node's previous data dir",
+                            _ => "refused by the service",
+                        }
+                    );
+                }
                 metrics.rejected(reason);
             },
         );
@@ -471,7 +498,10 @@ impl MetaNode {
                 }
                 tokio::select! {
                     _ = &mut stopped => return,
-                    changed = watch.changed() => if changed.is_err() { return },
+                    changed = watch.changed() => if changed.is_err() {
+                        metrics.core_down();
+                        return;
+                    },
                 }
             }
         }));
@@ -549,6 +579,11 @@ impl MetaNode {
                 "this node holds no cluster state yet (joining, or the cluster is forming)".into(),
             );
         }
+        if let Some(why) = self.core_failure() {
+            return Err(format!(
+                "the metadata log (Raft) has stopped: {why}; restart this node"
+            ));
+        }
         if !self.inner.seeded.load(Ordering::SeqCst) {
             return Err("the tokens from the environment are not applied yet".into());
         }
@@ -562,6 +597,10 @@ impl MetaNode {
         &self,
         m: &openraft::RaftMetrics<NodeId, MemberNode>,
     ) -> Option<NodeId> {
+        if m.running_state.is_err() {
+            // A stopped core leads and follows nothing, whatever its last metrics say.
+            return None;
+        }
         match m.current_leader {
             Some(me) if me == m.id => m
                 .millis_since_quorum_ack

@@ -8,7 +8,7 @@
 //! copy the table. Snapshots are files (`snapshot.rs`); installing one fills a fresh tree
 //! and then switches to it, so a crash leaves either the old state or the new one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -504,6 +504,22 @@ impl TokenTable for PendingTokens<'_> {
             Some(pending) => Ok(pending.clone()),
             None => read_token(self.tree, name),
         }
+    }
+
+    fn token_names(&self) -> io::Result<Vec<String>> {
+        let mut names = BTreeSet::new();
+        for item in self.tree.scan_prefix(TOKEN) {
+            let (key, _) = item?;
+            names.insert(String::from_utf8_lossy(&key[TOKEN.len()..]).into_owned());
+        }
+        for (name, pending) in &self.tokens {
+            if pending.is_some() {
+                names.insert(name.clone());
+            } else {
+                names.remove(name);
+            }
+        }
+        Ok(names.into_iter().collect())
     }
 
     fn is_revoked(&self, name: &str) -> io::Result<bool> {

@@ -1,6 +1,6 @@
 //! The replicated metadata: what a command is, and the state commands build.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -166,6 +166,13 @@ pub enum MetaCommand {
     SeedTokens {
         tokens: BTreeMap<String, TokenRecord>,
     },
+    /// Removes the environment's tokens (and the generated first-start token) that are
+    /// not in `keep`: written after a node seeded its environment's tokens, `keep` being
+    /// their names, so the environment a node starts with is the cluster's set of
+    /// environment tokens. Tokens created through the admin API are never touched.
+    PruneEnvTokens {
+        keep: BTreeSet<String>,
+    },
     /// Creates a token; refused if the name is taken.
     CreateToken {
         name: String,
@@ -208,6 +215,10 @@ pub enum MetaResponse {
     Seeded {
         added: usize,
     },
+    /// How many environment tokens a prune removed.
+    Pruned {
+        removed: usize,
+    },
     AlreadyExists,
     NotFound,
     /// The cluster's settings after the command, and whether it changed them.
@@ -238,6 +249,8 @@ pub struct RingSpec {
 pub trait TokenTable {
     type Error;
     fn token(&self, name: &str) -> Result<Option<TokenRecord>, Self::Error>;
+    /// The names of the tokens held, in order.
+    fn token_names(&self) -> Result<Vec<String>, Self::Error>;
     fn is_revoked(&self, name: &str) -> Result<bool, Self::Error>;
     fn put_token(&mut self, name: &str, token: TokenRecord);
     fn remove_token(&mut self, name: &str);
@@ -289,6 +302,17 @@ impl ClusterState {
                     }
                 }
                 MetaResponse::Seeded { added }
+            }
+            MetaCommand::PruneEnvTokens { keep } => {
+                let mut removed = 0;
+                for name in tokens.token_names()? {
+                    if nxcache_auth::is_env_token_name(&name) && !keep.contains(&name) {
+                        // Not marked revoked: the value may come back to the environment.
+                        tokens.remove_token(&name);
+                        removed += 1;
+                    }
+                }
+                MetaResponse::Pruned { removed }
             }
             MetaCommand::CreateToken { name, token } => {
                 if tokens.token(name)?.is_some() {
@@ -390,7 +414,6 @@ impl ClusterState {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::convert::Infallible;
 
     use super::*;
@@ -405,6 +428,9 @@ mod tests {
         type Error = Infallible;
         fn token(&self, name: &str) -> Result<Option<TokenRecord>, Infallible> {
             Ok(self.tokens.get(name).cloned())
+        }
+        fn token_names(&self) -> Result<Vec<String>, Infallible> {
+            Ok(self.tokens.keys().cloned().collect())
         }
         fn is_revoked(&self, name: &str) -> Result<bool, Infallible> {
             Ok(self.revoked.contains(name))
@@ -454,6 +480,43 @@ mod tests {
         assert_eq!(apply(&mut s, &mut t, revoke.clone()), MetaResponse::Done);
         assert_eq!(apply(&mut s, &mut t, revoke), MetaResponse::NotFound);
         assert!(t.tokens.is_empty() && t.revoked.contains("ci"));
+    }
+
+    #[test]
+    fn a_prune_removes_the_environment_tokens_left_out_and_nothing_else() {
+        let (mut s, mut t) = (ClusterState::default(), MemoryTokens::default());
+        let kept = "read-write-0123456789ab";
+        let gone = "read-only-ba9876543210";
+        let seed = MetaCommand::SeedTokens {
+            tokens: [
+                (kept.to_string(), token("read-write")),
+                (gone.to_string(), token("read")),
+                ("read-write-1".to_string(), token("read-write")),
+                ("generated".to_string(), token("read-write")),
+            ]
+            .into(),
+        };
+        apply(&mut s, &mut t, seed);
+        let create = MetaCommand::CreateToken {
+            name: "laptop".into(),
+            token: token("read"),
+        };
+        assert_eq!(apply(&mut s, &mut t, create), MetaResponse::Done);
+        let prune = MetaCommand::PruneEnvTokens {
+            keep: [kept.to_string()].into(),
+        };
+        assert_eq!(
+            apply(&mut s, &mut t, prune.clone()),
+            MetaResponse::Pruned { removed: 3 }
+        );
+        let names: Vec<&str> = t.tokens.keys().map(String::as_str).collect();
+        assert_eq!(names, ["laptop", kept]);
+        // Pruned, not revoked: the value may be configured again.
+        assert!(t.revoked.is_empty());
+        assert_eq!(
+            apply(&mut s, &mut t, prune),
+            MetaResponse::Pruned { removed: 0 }
+        );
     }
 
     #[test]

@@ -86,6 +86,7 @@ impl Cluster {
                 vec![self.addrs[&1].clone()]
             },
             seed_tokens: BTreeMap::new(),
+            prune_env_tokens: false,
             timing: self.timing.clone(),
             faults: Faults::default(),
             peer_services: None,

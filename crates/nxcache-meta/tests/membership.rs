@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nxcache_meta::{Faults, Formation, MemberNode, MetaConfig, MetaNode, NodeId, RaftTiming};
 use nxcache_rpc::ClusterSecret;
+use nxcache_testkit::PATIENCE;
 
 const SECRET: &str = "test-cluster-secret-0123456789";
 
@@ -46,6 +47,7 @@ impl Member {
             formation,
             join,
             seed_tokens: BTreeMap::new(),
+            prune_env_tokens: false,
             timing: RaftTiming {
                 heartbeat: Duration::from_millis(50),
                 election_min: Duration::from_millis(300),
@@ -97,11 +99,7 @@ impl Member {
 }
 
 async fn wait(what: &str, timeout: Duration, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    nxcache_testkit::wait_until(timeout, what, || std::future::ready(check())).await;
 }
 
 /// The running members agree on one leader and one cluster id, see `size` members,
@@ -135,22 +133,18 @@ async fn nodes_starting_in_any_order_form_one_cluster_and_never_part_of_one() {
             members[i].start(formation, seeds.clone()).await;
         }
         // Two of the three have asked each other (and the missing one) several times...
-        wait(
-            "the first two asked their seeds",
-            Duration::from_secs(20),
-            || {
-                let asked = order[..2].iter().all(|&i| {
-                    members[i].counter(
-                        "nxcache_grpc_server_calls_total",
-                        ("method", "Membership/Ping"),
-                    ) >= 6.0
-                });
-                let founded = order[..2]
-                    .iter()
-                    .any(|&i| members[i].node().cluster_id().is_some());
-                asked || founded
-            },
-        )
+        wait("the first two asked their seeds", PATIENCE, || {
+            let asked = order[..2].iter().all(|&i| {
+                members[i].counter(
+                    "nxcache_grpc_server_calls_total",
+                    ("method", "Membership/Ping"),
+                ) >= 6.0
+            });
+            let founded = order[..2]
+                .iter()
+                .any(|&i| members[i].node().cluster_id().is_some());
+            asked || founded
+        })
         .await;
         // ...and neither founded anything: the third seed may hold a cluster.
         for &i in &order[..2] {
@@ -166,7 +160,7 @@ async fn nodes_starting_in_any_order_form_one_cluster_and_never_part_of_one() {
         members[order[2]].start(formation, seeds.clone()).await;
         wait(
             &format!("one cluster of three (start order {order:?})"),
-            Duration::from_secs(30),
+            PATIENCE,
             || one_settled_cluster(&members, 3, 3),
         )
         .await;
@@ -184,7 +178,7 @@ async fn a_node_that_founded_another_cluster_is_refused_by_this_ones_members() {
     members[0].start(Formation::Found, vec![]).await;
     members[1].start(Formation::Join, seed.clone()).await;
     members[2].start(Formation::Join, seed).await;
-    wait("one cluster of three", Duration::from_secs(30), || {
+    wait("one cluster of three", PATIENCE, || {
         one_settled_cluster(&members, 3, 3)
     })
     .await;
@@ -199,7 +193,7 @@ async fn a_node_that_founded_another_cluster_is_refused_by_this_ones_members() {
     assert_ne!(theirs, ours);
     wait(
         "the stray node refuses the calls of its old peers",
-        Duration::from_secs(10),
+        PATIENCE,
         || {
             members[2].counter(
                 "nxcache_cluster_rejected_calls_total",
@@ -210,7 +204,7 @@ async fn a_node_that_founded_another_cluster_is_refused_by_this_ones_members() {
     .await;
     // Neither cluster takes anything from the other: node 3 leads its own cluster of
     // one; nodes 1 and 2 still form theirs, and it still lists node 3 (unreachable).
-    wait("two clusters apart", Duration::from_secs(10), || {
+    wait("two clusters apart", PATIENCE, || {
         let stray = members[2].node().status();
         let kept: Vec<_> = members[..2].iter().map(|m| m.node().status()).collect();
         stray.leader_id == Some(3)
@@ -237,14 +231,12 @@ async fn a_removed_voter_is_replaced_by_a_caught_up_learner() {
     for m in &mut members[1..] {
         m.start(Formation::Join, seed.clone()).await;
     }
-    wait(
-        "five members, three voters",
-        Duration::from_secs(60),
-        || one_settled_cluster(&members, 5, 3),
-    )
+    wait("five members, three voters", PATIENCE, || {
+        one_settled_cluster(&members, 5, 3)
+    })
     .await;
     // Every join has been answered (through the seed): none is left to promote anyone.
-    wait("four joins answered", Duration::from_secs(60), || {
+    wait("four joins answered", PATIENCE, || {
         members[0].counter_where(
             "nxcache_grpc_server_calls_total",
             &[("method", "Membership/Join"), ("code", "0")],
@@ -262,14 +254,14 @@ async fn a_removed_voter_is_replaced_by_a_caught_up_learner() {
     let removed = *voters.iter().find(|id| **id != leader).unwrap();
     members[0].node().remove(removed).await.unwrap();
     members[(removed - 1) as usize].stop().await;
-    wait("three voters again", Duration::from_secs(30), || {
+    wait("three voters again", PATIENCE, || {
         one_settled_cluster(&members, 4, 3)
     })
     .await;
 
     // Another voter goes: with the learner promoted, two of three voters remain.
     members[(leader - 1) as usize].stop().await;
-    wait("a leader among the rest", Duration::from_secs(30), || {
+    wait("a leader among the rest", PATIENCE, || {
         let leaders: Vec<_> = members
             .iter()
             .filter_map(|m| m.node.as_ref())
@@ -292,11 +284,11 @@ async fn the_leader_fills_in_incarnations_missing_from_older_records() {
     for m in &mut members[1..] {
         m.start(Formation::Join, seed.clone()).await;
     }
-    wait("one cluster of three", Duration::from_secs(30), || {
+    wait("one cluster of three", PATIENCE, || {
         one_settled_cluster(&members, 3, 3)
     })
     .await;
-    wait("two joins answered", Duration::from_secs(60), || {
+    wait("two joins answered", PATIENCE, || {
         members[0].counter_where(
             "nxcache_grpc_server_calls_total",
             &[("method", "Membership/Join"), ("code", "0")],
@@ -320,7 +312,7 @@ async fn the_leader_fills_in_incarnations_missing_from_older_records() {
             )
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PATIENCE;
     // The leader may be settling a change of its own: retry while one is in progress.
     while let Err(err) = raft
         .change_membership(openraft::ChangeMembers::SetNodes(old_records.clone()), true)
@@ -342,7 +334,7 @@ async fn the_leader_fills_in_incarnations_missing_from_older_records() {
     );
     wait(
         "every record carries its member's incarnation again",
-        Duration::from_secs(20),
+        PATIENCE,
         || {
             members.iter().all(|m| {
                 m.node()

@@ -97,15 +97,19 @@ impl Peers {
             Some((_, streak)) => streak + 1,
             None => 1,
         };
-        let period = DOWN_FOR
-            .saturating_mul(1 << (streak - 1).min(8))
-            .min(DOWN_AT_MOST);
-        down.insert(id, (now + period, streak));
+        down.insert(id, (now + back_off(streak), streak));
     }
 
     pub fn answered(&self, id: NodeId) {
         lock(&self.down_until).remove(&id);
     }
+}
+
+/// How long a peer is left alone after the `streak`-th failure in a row.
+fn back_off(streak: u32) -> Duration {
+    DOWN_FOR
+        .saturating_mul(1 << (streak - 1).min(8))
+        .min(DOWN_AT_MOST)
 }
 
 #[cfg(test)]
@@ -144,8 +148,15 @@ mod tests {
         for _ in 0..5 {
             expire(&p, 7);
             assert!(!p.is_down(7));
+            // The period set, read from the entry rather than from the time left (which
+            // shrinks with however long this thread is descheduled).
+            let before = Instant::now();
             p.failed(7);
-            periods.push(period(&p, 7).as_secs_f64().round() as u64);
+            let after = Instant::now();
+            let (until, streak) = lock(&p.down_until)[&7];
+            let set = back_off(streak);
+            assert!(before + set <= until && until <= after + set);
+            periods.push(set.as_secs());
         }
         assert_eq!(periods, [4, 8, 16, 16, 16]);
         p.answered(7);

@@ -439,14 +439,13 @@ impl Upload {
             .filter(|(_, o)| matches!(o, Outcome::Mine { fresh: true }))
             .map(|(id, _)| *id)
             .collect();
-        // A target that never answered may still have stored this write: it is asked to
-        // withdraw too (a delete naming this version touches nothing else).
-        let withdraw_from: Vec<NodeId> = self
-            .sent_to
-            .iter()
-            .copied()
-            .filter(|id| fresh.contains(id) || !outcomes.iter().any(|(answered, _)| answered == id))
-            .collect();
+        // Every target is asked to withdraw (a delete naming this version touches nothing
+        // else): one that never answered may still have stored this write, and one that
+        // answered with another body may have received this write's copy since, from
+        // anti-entropy or a read while this write was still waiting for a slow owner
+        // (found by the nemesis suite, seed 501: a refused body then outnumbered the
+        // acknowledged one and won after the heal).
+        let withdraw_from: Vec<NodeId> = self.sent_to.clone();
         let others: Vec<(NodeId, CopyIdentity)> = outcomes
             .iter()
             .filter_map(|(id, o)| match o {

@@ -221,18 +221,11 @@ async fn write(plane: &DataPlane, k: &str, data: &Bytes) -> Result<(), PutError>
 
 /// Waits (with a deadline) until `node` holds a copy of `k`.
 async fn until_held(node: &Node, k: &str) -> CopyIdentity {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Some(copy) = node.copy(k) {
-            return copy;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node {} never stored {k}",
-            node.id
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let what = format!("node {} holding a copy of {k}", node.id);
+    nxcache_testkit::wait_for(nxcache_testkit::PATIENCE, &what, || {
+        std::future::ready(node.copy(k))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -571,5 +564,49 @@ async fn a_hint_whose_owner_holds_another_body_is_settled_by_the_rule() {
             Some(("found_by", "handoff"))
         ),
         1
+    );
+}
+
+#[tokio::test]
+async fn a_losing_write_withdraws_its_copy_from_an_owner_that_received_it_meanwhile() {
+    // Owners 1, 2, 3, quorum 2; node 3 takes connections but never answers (cut off), so
+    // a write through node 1 waits for it before it concludes.
+    let cluster = Cluster::start(Setup {
+        silent: vec![3],
+        ..Setup::default()
+    })
+    .await;
+    let (one, two) = (cluster.node(1), cluster.node(2));
+    // Node 2 holds another body: the write through node 1 is going to lose (409).
+    let other_body = body(20_000, 7);
+    put_copy(&two.store, "91", &other_body, Version::new()).await;
+    let plane = one.plane.clone();
+    let losing = body(20_000, 8);
+    let writer = {
+        let data = losing.clone();
+        tokio::spawn(async move { write(&plane, "91", &data).await })
+    };
+    // While it waits for node 3, node 2's body goes (its own writer withdrew it) and
+    // anti-entropy hands node 2 node 1's copy, this write's version.
+    let mine = until_held(one, "91").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while two.copy("91").map(|c| c.version) != Some(mine.version) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not put the write's copy on node 2"
+        );
+        let _ = two.store.delete(&key("91"));
+        put_copy(&two.store, "91", &losing, mine.version).await;
+    }
+    assert!(
+        !writer.is_finished(),
+        "the write concluded before its copy reached node 2: the test needs it waiting"
+    );
+    assert!(matches!(writer.await.unwrap(), Err(PutError::Exists)));
+    assert_eq!(one.copy("91"), None, "the losing write left its own copy");
+    assert_eq!(
+        two.copy("91"),
+        None,
+        "the losing write left its copy on an owner that got it while the write waited"
     );
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nxcache_rpc::pb::raft_client::RaftClient;
 use nxcache_rpc::pb::raft_server::{Raft, RaftServer};
@@ -100,27 +100,23 @@ async fn a_connection_that_goes_silent_is_replaced() {
         let message = RaftMessage {
             payload: b"hello".to_vec(),
         };
-        tokio::time::timeout(Duration::from_secs(1), client.vote(message)).await
+        // Bounded: a call on the frozen connection must not hang the test. Far above a
+        // normal call (milliseconds); a call cut by the keepalive fails sooner.
+        tokio::time::timeout(Duration::from_secs(60), client.vote(message)).await
     };
     assert!(matches!(call(client.clone()).await, Ok(Ok(_))));
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
+    // Without the keepalive the silent connection is kept (TCP gives up only after many
+    // minutes) and every call on it fails: the deadline, far above the keepalive's ~10 s,
+    // is reached. How soon it is replaced is not this test's business.
     freeze_first.store(true, Ordering::SeqCst);
-    let frozen_at = Instant::now();
-    let limit =
-        nxcache_rpc::KEEPALIVE_EVERY + nxcache_rpc::KEEPALIVE_TIMEOUT + Duration::from_secs(10);
-    loop {
-        if let Ok(Ok(answer)) = call(client.clone()).await {
-            assert_eq!(answer.into_inner().payload, b"hello");
-            break;
-        }
-        assert!(
-            frozen_at.elapsed() < limit,
-            "calls still fail {:?} after the connection went silent",
-            frozen_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!("silent connection replaced after {:?}", frozen_at.elapsed());
+    let answer = nxcache_testkit::wait_for(
+        nxcache_testkit::PATIENCE,
+        "a call answered over a new connection after the first went silent",
+        || async { call(client.clone()).await.ok().and_then(Result::ok) },
+    )
+    .await;
+    assert_eq!(answer.into_inner().payload, b"hello");
     assert!(accepted.load(Ordering::SeqCst) >= 2);
 }

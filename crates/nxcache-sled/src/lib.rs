@@ -7,6 +7,10 @@
 //! on a loaded machine. So an open that finds the lock taken tries again for a short
 //! while before it concludes that somebody else holds the directory.
 
+mod reserve;
+
+pub use reserve::{MAX_RESERVE, MIN_RESERVE, RESERVE_FILE, ReserveChange, SpaceReserve};
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

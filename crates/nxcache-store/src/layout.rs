@@ -52,3 +52,17 @@ impl Layout {
         self.root.join("CLEAN_SHUTDOWN")
     }
 }
+
+/// Creates `path` and its missing parents readable by the server's user only (0700 on
+/// Unix): artifacts are build outputs, and the data dir also holds tokens and the cluster
+/// secret. A directory that exists keeps its mode (an operator may have chosen it).
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(path)
+}

@@ -27,6 +27,7 @@ pub use copy::{
 pub use error::StoreError;
 pub use index::{BlobMeta, Index, IndexError, RingCursor};
 pub use key::{BlobKey, InvalidKey};
+pub use layout::create_private_dir;
 pub use memory_index::MemoryIndex;
 pub use read::{BlobBody, BlobRead, ByteStream, verify_stream};
 pub use sled_index::SledIndex;

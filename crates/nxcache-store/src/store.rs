@@ -144,6 +144,12 @@ struct Inner {
     claims: Mutex<HashMap<BlobKey, (Version, u64)>>,
     /// Eviction marks recorded (approximate between purges).
     marks: AtomicU64,
+    /// Added to the wall clock wherever idle time is measured (access times, the TTL):
+    /// zero, except in tests that make time pass without waiting for it.
+    clock_skew_ms: AtomicU64,
+    /// Room on the file system kept for the metadata log: uploads that would eat into it
+    /// are refused as a full disk.
+    space_reserve: std::sync::OnceLock<Arc<nxcache_sled::SpaceReserve>>,
 }
 
 /// See [`BlobStore::set_eviction_listener`]: the key and the copy that was evicted.
@@ -224,7 +230,7 @@ impl BlobStore {
     /// Opens the store in `config.data_dir` with a sled index. Blocking: call it before
     /// serving, or from a blocking thread.
     pub fn open(config: StoreConfig, registry: &prometheus::Registry) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        crate::create_private_dir(&config.data_dir)?;
         let layout = Layout::new(&config.data_dir);
         let index = SledIndex::open(&layout.index_dir())?;
         Self::open_with_index(config, Arc::new(index), registry)
@@ -239,9 +245,9 @@ impl BlobStore {
         let layout = Layout::new(&config.data_dir);
         // A brand-new store has nothing to reconcile.
         let fresh = !layout.blobs_dir().exists();
-        std::fs::create_dir_all(layout.tmp_dir())?;
+        crate::create_private_dir(&layout.tmp_dir())?;
         for shard in 0..=255u8 {
-            std::fs::create_dir_all(layout.shard_dir(shard))?;
+            crate::create_private_dir(&layout.shard_dir(shard))?;
         }
         let metrics = StoreMetrics::register(registry)
             .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
@@ -260,6 +266,8 @@ impl BlobStore {
                 digests: RingDigests::new(),
                 claims: Mutex::new(HashMap::new()),
                 marks: AtomicU64::new(0),
+                clock_skew_ms: AtomicU64::new(0),
+                space_reserve: std::sync::OnceLock::new(),
             }),
         };
         store.recover(fresh)?;
@@ -368,6 +376,20 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Now, in ms since the epoch, on the clock that idle times and the TTL are measured
+    /// with.
+    fn now(&self) -> u64 {
+        now_ms() + self.inner.clock_skew_ms.load(Ordering::Relaxed)
+    }
+
+    /// Makes `by` pass for access times and the TTL (tests: expiry without waiting).
+    #[cfg(test)]
+    pub(crate) fn advance_clock(&self, by: Duration) {
+        self.inner
+            .clock_skew_ms
+            .fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+    }
+
     fn describe_file(&self, path: &Path) -> Result<BlobMeta, StoreError> {
         let mut file = std::fs::File::open(path)?;
         let mut hasher = crate::checksum::ChecksumHasher::new();
@@ -381,7 +403,7 @@ impl BlobStore {
             hasher.update(&buf[..n]);
             size += n as u64;
         }
-        let now = now_ms();
+        let now = self.now();
         let checksum = hasher.finish();
         Ok(BlobMeta {
             size,
@@ -656,20 +678,39 @@ impl BlobStore {
         Ok(ScrubOutcome::Dropped)
     }
 
-    /// Checks that the data directory accepts writes (readiness).
+    /// Checks that the data directory accepts writes (readiness): a probe file is written,
+    /// synced and removed. Run by one background check, not per request.
     pub async fn probe_writable(&self) -> Result<(), StoreError> {
-        let path = self.inner.layout.tmp_dir().join(".probe");
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .inner
+            .layout
+            .tmp_dir()
+            .join(format!(".probe.{}.{n}", std::process::id()));
         tokio::task::spawn_blocking(move || {
-            std::fs::write(&path, b"ok")?;
-            std::fs::remove_file(&path)
+            let written = (|| {
+                let mut file = std::fs::File::create(&path)?;
+                std::io::Write::write_all(&mut file, b"ok")?;
+                file.sync_all()
+            })();
+            let removed = std::fs::remove_file(&path);
+            written.and(removed)
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
         Ok(())
     }
 
-    /// Starts an upload of exactly `len` bytes, reserving them in the budget (evicting
-    /// least recently used blobs if needed). The copy gets a new [`Version`].
+    /// Keeps `reserve` free: from now on an upload or copy that would leave less than it
+    /// free on the file system is refused with [`StoreError::DiskFull`] before it writes.
+    /// Set once; later calls are ignored.
+    pub fn keep_space_reserve(&self, reserve: Arc<nxcache_sled::SpaceReserve>) {
+        let _ = self.inner.space_reserve.set(reserve);
+    }
+
+    /// Starts an upload of exactly `len` bytes. Nothing is reserved yet: each chunk
+    /// reserves its bytes in the budget as it arrives (evicting least recently used blobs
+    /// if needed). The copy gets a new [`Version`].
     pub async fn begin_write(&self, key: BlobKey, len: u64) -> Result<BlobWriter, StoreError> {
         self.begin_copy(key, len, Version::new(), None).await
     }
@@ -689,12 +730,24 @@ impl BlobStore {
         {
             return Err(StoreError::Exists);
         }
-        if !self.try_reserve(len)? {
-            // Eviction deletes files: off the async threads.
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.reserve(len))
-                .await
-                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        if let Some(reserve) = self.inner.space_reserve.get()
+            && !reserve.admits(len)
+        {
+            self.count_write_failure("disk_full");
+            tracing::debug!(
+                len,
+                available = reserve.available(),
+                reserve = reserve.bytes(),
+                "upload refused: it would eat into the space kept for the metadata log"
+            );
+            return Err(StoreError::DiskFull);
+        }
+        // Only a size that can never fit is refused here. Space is reserved (and evicted
+        // for) as the bytes arrive, in [`BlobWriter::write`]: an announced size alone
+        // costs the cache nothing, so an upload that never sends its body evicts nothing.
+        let budget = self.inner.config.max_bytes;
+        if len > budget {
+            return Err(StoreError::LargerThanBudget { size: len, budget });
         }
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self
@@ -709,6 +762,18 @@ impl BlobStore {
             version,
             replaces,
         ))
+    }
+
+    /// Reserves `len` more bytes of an upload in progress, evicting least recently used
+    /// blobs when they do not fit (off the async threads: eviction deletes files).
+    pub(crate) async fn reserve_received(&self, len: u64) -> Result<(), StoreError> {
+        if self.try_reserve(len)? {
+            return Ok(());
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.reserve(len))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     /// Reserves `len` bytes if they fit without evicting anything.
@@ -800,7 +865,7 @@ impl BlobStore {
         replaces: Option<Version>,
     ) -> Result<Committed, StoreError> {
         let final_path = self.inner.layout.blob_path(key);
-        let now = now_ms();
+        let now = self.now();
         let meta = BlobMeta {
             size: copy.size,
             checksum: copy.checksum,
@@ -933,7 +998,7 @@ impl BlobStore {
         let mut pending = lock(&self.inner.pending_touches);
         pending.counter += 1;
         let order = pending.counter;
-        let now = now_ms();
+        let now = self.now();
         pending
             .accesses
             .entry(key.clone())
@@ -978,7 +1043,7 @@ impl BlobStore {
 
     fn is_expired(&self, meta: &BlobMeta) -> bool {
         match self.inner.config.ttl {
-            Some(ttl) => now_ms().saturating_sub(meta.accessed_ms) > ttl.as_millis() as u64,
+            Some(ttl) => self.now().saturating_sub(meta.accessed_ms) > ttl.as_millis() as u64,
             None => false,
         }
     }
@@ -1115,7 +1180,7 @@ impl BlobStore {
             return Ok(0);
         };
         self.apply_accesses();
-        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let cutoff = self.now().saturating_sub(ttl.as_millis() as u64);
         let mut expired = 0;
         loop {
             let batch = self.inner.index.least_recent(64)?;

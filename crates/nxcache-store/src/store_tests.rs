@@ -271,24 +271,85 @@ async fn an_artifact_larger_than_the_budget_is_refused() {
 async fn budget_held_by_uploads_in_flight_is_not_oversubscribed() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 1000);
-    let _in_flight = store.begin_write(key("x"), 800).await.unwrap();
-    let err = store.begin_write(key("y"), 300).await.err().unwrap();
+    let mut in_flight = store.begin_write(key("x"), 900).await.unwrap();
+    in_flight.write(Bytes::from(vec![1; 800])).await.unwrap();
+    let mut late = store.begin_write(key("y"), 300).await.unwrap();
+    let err = late.write(Bytes::from(vec![2; 300])).await.err().unwrap();
     assert!(matches!(err, StoreError::BudgetExhausted { budget: 1000 }));
+    assert_eq!(store.stats().reserved_bytes, 800);
+}
+
+/// The attack of issue 15: an upload that announces most of the budget and sends nothing
+/// used to evict, on its announced size alone, what the cache held.
+#[tokio::test]
+async fn an_announced_size_alone_reserves_and_evicts_nothing() {
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 10 * MIB as u64);
+    for i in 0..8 {
+        put(&store, &format!("kept{i}"), &data(MIB, i))
+            .await
+            .unwrap();
+    }
+    let announced = store
+        .begin_write(key("attack"), 9 * MIB as u64)
+        .await
+        .unwrap();
+    assert_eq!(store.stats().reserved_bytes, 0);
+    drop(announced);
+    let mut partial = store
+        .begin_write(key("attack"), 9 * MIB as u64)
+        .await
+        .unwrap();
+    partial.write(Bytes::from(vec![9; 1000])).await.unwrap();
+    assert_eq!(store.stats().reserved_bytes, 1000, "reserved: what arrived");
+    // Abandoned: its reservation is given back at once.
+    drop(partial);
+    let stats = store.stats();
+    assert_eq!(stats.reserved_bytes, 0);
+    assert_eq!(stats.objects, 8);
+    for i in 0..8 {
+        assert_eq!(
+            get(&store, &format!("kept{i}")).await.unwrap().unwrap(),
+            data(MIB, i)
+        );
+    }
+}
+
+#[tokio::test]
+async fn bytes_that_arrive_evict_what_they_need_and_no_more() {
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 10 * MIB as u64);
+    for i in 0..8 {
+        put(&store, &format!("kept{i}"), &data(MIB, i))
+            .await
+            .unwrap();
+    }
+    // 3 MiB of a 9 MiB upload arrive: 1 MiB over the budget, one artifact goes.
+    let mut w = store.begin_write(key("big"), 9 * MIB as u64).await.unwrap();
+    w.write(Bytes::from(vec![3; 3 * MIB])).await.unwrap();
+    assert_eq!(store.stats().objects, 7);
+    drop(w);
+    assert_eq!(store.stats().reserved_bytes, 0);
 }
 
 #[tokio::test]
 async fn idle_entries_expire_after_the_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), 1 << 20);
-    cfg.ttl = Some(Duration::from_millis(50));
+    // An hour, on the store's own clock, which the test moves on: nothing here depends on
+    // how fast the machine runs.
+    cfg.ttl = Some(Duration::from_secs(3600));
     let store = BlobStore::open(cfg, &prometheus::Registry::new()).unwrap();
     put(&store, "old", b"x").await.unwrap();
-    // Wait on the condition itself: the entry ages past the TTL.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while store.head(&key("old")).unwrap().is_some() {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    store.advance_clock(Duration::from_secs(3599));
+    assert!(store.head(&key("old")).unwrap().is_some(), "expired early");
+    store.advance_clock(Duration::from_secs(2));
+    assert!(
+        store.head(&key("old")).unwrap().is_none(),
+        "idle past the TTL"
+    );
     put(&store, "new", b"y").await.unwrap();
     // expire_idle only removes what is past the TTL, oldest first.
     assert_eq!(store.expire_idle().unwrap(), 1);
@@ -707,4 +768,24 @@ async fn evictions_are_remembered_and_requested_deletes_are_not_evictions() {
     drop(store);
     let store = open(dir.path(), 25_000);
     assert_eq!(store.eviction_mark(&key("a")).unwrap(), Some(mark));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_dir_is_private_and_artifacts_are_readable_by_the_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("nested").join("data");
+    let store = open(&dir, 1 << 20);
+    put(&store, "0123abcd", b"secret build output")
+        .await
+        .unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for created in [parent.path().join("nested"), dir.clone()] {
+        assert_eq!(mode(&created), 0o700, "{}", created.display());
+    }
+    let layout = crate::layout::Layout::new(&dir);
+    let path = layout.blob_path(&key("0123abcd"));
+    assert_eq!(mode(&path), 0o600, "{}", path.display());
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
 }

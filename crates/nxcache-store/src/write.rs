@@ -16,12 +16,14 @@ use crate::store::{BlobStore, Committed};
 const WRITE_BUFFER: usize = 1024 * 1024;
 
 /// An upload in progress. Bytes go to a temp file; nothing is visible to readers until
-/// [`BlobWriter::commit`] renames it into place. Dropping the writer without committing
-/// removes the temp file and gives the reserved budget back.
+/// [`BlobWriter::commit`] renames it into place. Budget is reserved for the bytes received
+/// so far, never for the announced length. Dropping the writer without committing removes
+/// the temp file and gives the reserved budget back.
 pub struct BlobWriter {
     pub(crate) store: BlobStore,
     pub(crate) key: BlobKey,
     pub(crate) expected_len: u64,
+    /// Bytes received, and the budget this upload holds.
     pub(crate) written: u64,
     pub(crate) hasher: ChecksumHasher,
     /// Received chunks not yet on disk, written with one vectored write: no copy.
@@ -86,6 +88,11 @@ impl BlobWriter {
                 expected: self.expected_len,
                 received,
             });
+        }
+        // Space follows the bytes that arrived: reserved (and evicted for) only now.
+        if let Err(err) = self.store.reserve_received(chunk.len() as u64).await {
+            self.store.count_write_failure(failure_reason(&err));
+            return Err(err);
         }
         self.hasher.update(&chunk);
         self.written = received;
@@ -219,11 +226,17 @@ fn write_chunks(file: &mut std::fs::File, chunks: &[Bytes]) -> std::io::Result<(
     Ok(())
 }
 
+/// A new artifact file, readable by the server's user only (0600 on Unix); the rename
+/// that commits it keeps the mode.
 fn create_temp(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 pub(crate) fn failure_reason(err: &StoreError) -> &'static str {
@@ -232,6 +245,7 @@ pub(crate) fn failure_reason(err: &StoreError) -> &'static str {
         StoreError::LengthMismatch { .. } => "length",
         StoreError::Exists => "exists",
         StoreError::ChecksumMismatch => "checksum",
+        StoreError::BudgetExhausted { .. } => "budget",
         _ => "io",
     }
 }
@@ -248,7 +262,8 @@ impl Drop for BlobWriter {
             {
                 tracing::warn!(path = %self.tmp_path.display(), %err, "could not remove temp file");
             }
-            self.store.release_reservation(self.expected_len);
+            // The budget held is what was received (see `write`).
+            self.store.release_reservation(self.written);
         }
     }
 }

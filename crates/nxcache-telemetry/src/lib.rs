@@ -12,7 +12,10 @@ pub enum LogFormat {
     Json,
 }
 
+mod audit;
 mod tracing_export;
+
+pub use audit::{AuditLimiter, Bucket};
 
 pub use tracing_export::{TraceExport, continue_trace, inject_trace};
 

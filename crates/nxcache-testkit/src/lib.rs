@@ -1,4 +1,19 @@
 //! Helpers shared by the tests of several crates. Never a dependency of shipped code.
+//!
+//! - [`free_port`]: loopback ports nothing else takes;
+//! - [`wait_until`] / [`wait_for`] / [`wait_until_blocking`]: wait on a condition with a
+//!   deadline, naming what was awaited when it expires (tests never assert on elapsed
+//!   time);
+//! - [`watchdog`]: a per-test deadline, so a hung test fails in minutes instead of
+//!   eating the CI budget;
+//! - [`env`]: child processes started without the caller's `NXCACHE_*` / `OTEL_*`
+//!   variables, nested `cargo` runs without the outer cargo's.
+
+pub mod env;
+mod wait;
+pub mod watchdog;
+
+pub use wait::{PATIENCE, wait_for, wait_until, wait_until_blocking};
 
 pub mod pki;
 

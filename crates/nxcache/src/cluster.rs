@@ -45,6 +45,13 @@ impl ClusterControl for MetaControl {
         self.0.readiness()
     }
 
+    fn liveness(&self) -> Result<(), String> {
+        match self.0.core_failure() {
+            None => Ok(()),
+            Some(why) => Err(format!("the metadata log (Raft) has stopped: {why}")),
+        }
+    }
+
     fn status(&self) -> BoxFuture<'_, StatusView> {
         Box::pin(async move {
             let status = self.0.status();

@@ -6,6 +6,7 @@ pub mod admin_cli;
 mod cluster;
 mod listener;
 mod node;
+mod reserve;
 mod tls;
 mod topology;
 

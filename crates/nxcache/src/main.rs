@@ -77,9 +77,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("exporting traces over OTLP");
     }
     let node = nxcache::start(config).await?;
-    shutdown_signal().await;
-    tracing::info!("shutdown requested: draining");
-    let stopped = node.shutdown().await;
+    let meta = node.meta().clone();
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
+        why = meta.core_failed() => Some(why),
+    };
+    let stopped = match failed {
+        None => {
+            tracing::info!("shutdown requested: draining");
+            node.shutdown().await
+        }
+        Some(why) => {
+            // Serving on with a dead control plane would miss every revocation and
+            // membership change: exit, so that the supervisor starts the node again (a
+            // restart reopens the log; the other nodes bring it up to date).
+            tracing::error!(
+                error = %why,
+                "the metadata log (Raft) has stopped; draining and exiting so that the supervisor restarts this node"
+            );
+            let _ = node.shutdown().await;
+            Err(anyhow::anyhow!(
+                "the metadata log (Raft) stopped ({why}); exited for a restart"
+            ))
+        }
+    };
     if let Some(export) = export {
         // Flushes the last spans; the exporter's own timeout bounds it.
         tokio::task::spawn_blocking(move || export.shutdown()).await?;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use http::StatusCode;
 use std::collections::BTreeMap;
 
-use nxcache_auth::{Digest, Scope, load_or_create_token};
+use nxcache_auth::{Digest, GENERATED_TOKEN_NAME, Scope, env_token_name, load_or_create_token};
 use nxcache_meta::{
     ClusterSettings, Faults, Formation, MemberNode, MetaConfig, MetaNode, RaftTiming, TokenRecord,
 };
@@ -98,7 +98,9 @@ impl RunningNode {
 }
 
 /// Tokens from the configuration, to be seeded into the cluster's table, and the token
-/// generated on a first start (when it was just created, to print it once).
+/// generated on a first start (when it was just created, to print it once). Configured
+/// tokens are the environment's whole set: the cluster's other environment tokens and
+/// its generated token are removed once they are seeded.
 fn seed_tokens(
     config: &ServeConfig,
 ) -> anyhow::Result<(BTreeMap<String, TokenRecord>, Option<String>)> {
@@ -110,13 +112,14 @@ fn seed_tokens(
         created_ms: now_ms(),
     };
     let mut seeds = BTreeMap::new();
-    for (list, scope, prefix) in [
-        (&config.read_write_tokens, Scope::ReadWrite, "read-write"),
-        (&config.read_only_tokens, Scope::Read, "read-only"),
-        (&config.admin_tokens, Scope::Admin, "admin"),
+    for (list, scope) in [
+        (&config.read_write_tokens, Scope::ReadWrite),
+        (&config.read_only_tokens, Scope::Read),
+        (&config.admin_tokens, Scope::Admin),
     ] {
-        for (i, t) in list.iter().enumerate() {
-            seeds.insert(format!("{prefix}-{}", i + 1), record(t.expose(), scope));
+        for t in list {
+            let name = env_token_name(scope, &Digest::of(t.expose()));
+            seeds.insert(name, record(t.expose(), scope));
         }
     }
     if !seeds.is_empty() || config.cluster.formation != nxcache_config::Formation::Found {
@@ -128,7 +131,10 @@ fn seed_tokens(
     let path = config.data_dir.join(GENERATED_TOKEN_FILE);
     let (token, created) = load_or_create_token(&path)
         .with_context(|| format!("cannot create or read the token file {}", path.display()))?;
-    seeds.insert("generated".into(), record(&token, Scope::ReadWrite));
+    seeds.insert(
+        GENERATED_TOKEN_NAME.into(),
+        record(&token, Scope::ReadWrite),
+    );
     if created {
         Ok((seeds, Some(token)))
     } else {
@@ -138,6 +144,14 @@ fn seed_tokens(
         );
         Ok((seeds, None))
     }
+}
+
+/// Whether tokens are configured (the environment's lists are then the cluster's set of
+/// environment tokens).
+fn configured_tokens(config: &ServeConfig) -> bool {
+    !(config.read_write_tokens.is_empty()
+        && config.read_only_tokens.is_empty()
+        && config.admin_tokens.is_empty())
 }
 
 /// The configured cluster secret, or (for a node that starts a cluster alone) one
@@ -280,7 +294,7 @@ async fn settle_settings(
 /// Opens the store and starts serving. Returns once the listener is bound.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     let registry = nxcache_telemetry::new_registry();
-    std::fs::create_dir_all(&config.data_dir)
+    nxcache_store::create_private_dir(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
     let store_config = StoreConfig {
         data_dir: config.data_dir.clone(),
@@ -294,6 +308,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             .await?
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?
     };
+    // Before the metadata log opens: its writes must always find room (a write it cannot
+    // make stops its Raft core for good).
+    let space_reserve = crate::reserve::open(&config.data_dir).await?;
+    store.keep_space_reserve(space_reserve.clone());
     let (seeds, new_token) = seed_tokens(&config)?;
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -353,6 +371,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 }
             },
             join: config.cluster.join.clone(),
+            prune_env_tokens: configured_tokens(&config),
             seed_tokens: seeds,
             timing: RaftTiming::default(),
             faults: Faults::default(),
@@ -380,7 +399,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
     }
     topology.attach(meta.clone());
     let (stop, stop_rx) = watch::channel(false);
-    let mut workers = Vec::new();
+    let mut workers = vec![crate::reserve::spawn_watch(
+        space_reserve,
+        &registry,
+        stop_rx.clone(),
+    )?];
     let settling = tokio::spawn(settle_settings(
         meta.clone(),
         config.cluster.clone(),
@@ -413,6 +436,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         nxcache_replication::ReplicationMetrics::register(&registry)?,
     );
     let readiness = Readiness::default();
+    // /readyz answers from the last check: the first is made before serving.
+    let writable = prometheus::IntGauge::new(
+        "nxcache_data_dir_writable",
+        "1 when the last background check could write, sync and remove a file in the data directory, else 0 (/readyz answers 503).",
+    )?;
+    registry.register(Box::new(writable.clone()))?;
+    nxcache_http::check_disk(&store, &readiness, &writable).await;
     let state = ApiState {
         data: data.clone(),
         auth: meta.authenticator(),
@@ -423,13 +453,32 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
             put_success_status: StatusCode::from_u16(config.put_success_status)
                 .expect("validated status"),
             body_idle_timeout: config.body_idle_timeout,
+            upload_pace: nxcache_http::UploadPace {
+                min_rate: config.upload_min_rate,
+                grace: config.upload_rate_grace,
+                deadline: config.upload_deadline,
+            },
+            metrics_token: config
+                .metrics_token
+                .as_ref()
+                .map(|t| nxcache_auth::Digest::of(t.expose())),
+            protocols: nxcache_http::ProtocolMounts {
+                bazel: config.bazel_path.clone(),
+                gradle: config.gradle_path.clone(),
+                ccache: config.ccache_path.clone(),
+                turbo: config.turborepo,
+            },
         }),
         metrics: HttpMetrics::register(&registry)?,
-        registry,
+        registry: registry.clone(),
         readiness: readiness.clone(),
-        uploads: nxcache_http::UploadSlots::new(config.max_concurrent_uploads),
+        uploads: nxcache_http::UploadSlots::new(
+            config.max_concurrent_uploads,
+            config.max_uploads_per_token,
+        ),
     };
     let router = nxcache_http::router(state);
+    let listener_metrics = crate::listener::ListenerMetrics::register(&registry)?;
     let serving = tokio::spawn(serve(
         listener,
         router,
@@ -437,8 +486,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
         ListenerConfig {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout,
+            first_byte_timeout: config.first_byte_timeout,
+            send_timeout: config.send_timeout,
             shutdown_timeout: config.shutdown_timeout,
         },
+        listener_metrics,
         stop_rx.clone(),
     ));
     {
@@ -456,6 +508,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningNode> {
                 })
                 .await
         }));
+    }
+    {
+        let (store, readiness, mut stop_rx) = (store.clone(), readiness.clone(), stop_rx.clone());
+        workers.push(tokio::spawn(nxcache_http::run_readiness_checks(
+            store,
+            readiness,
+            writable,
+            nxcache_http::READINESS_CHECK_EVERY,
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        )));
     }
     workers.extend(data.spawn_workers(
         nxcache_replication::WorkerConfig {

@@ -16,10 +16,19 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(BlobKey::parse(s).as_ref(), Ok(&hash));
         // Any namespace that is accepted keeps the key a single, safe path component.
         let (ns, _) = text.split_at(text.len() / 2);
-        if let Ok(key) = BlobKey::in_namespace(ns, &hash) {
+        // So does a protocol's key space (`ns_space.hash`), and it never equals an Nx key.
+        let (space, _) = ns.split_at(ns.len().min(7));
+        let spaced = BlobKey::in_space(ns, space, &hash);
+        for key in [BlobKey::in_namespace(ns, &hash), spaced.clone()]
+            .into_iter()
+            .flatten()
+        {
             assert!(!key.as_str().contains(['/', '\\', '\0']));
             assert!(!key.as_str().contains(".."));
             assert_eq!(BlobKey::parse(key.as_str()).as_ref(), Ok(&key));
+        }
+        if let (Ok(spaced), Ok(nx)) = (spaced, BlobKey::in_namespace(ns, &hash)) {
+            assert_ne!(spaced, nx);
         }
     }
     if let Ok(key) = BlobKey::parse(text) {

@@ -149,6 +149,7 @@ impl Cluster {
             node_addr(0),
             Path::new("<data-dir>"),
             &self.seeds,
+            flags::Formation::Expect(self.seeds.len()),
             &self.extra_args,
         )
     }
@@ -173,7 +174,12 @@ impl Cluster {
         };
         let mut seeds = self.seeds.clone();
         let own = flags::advertise(addr);
-        if !seeds.contains(&own) {
+        let formation = if seeds.contains(&own) {
+            flags::Formation::Expect(self.seeds.len())
+        } else {
+            flags::Formation::Join
+        };
+        if formation == flags::Formation::Join {
             // A joining node: the seeds and the nodes that joined before it.
             for n in self.members() {
                 let a = flags::advertise(n.addr);
@@ -182,7 +188,7 @@ impl Cluster {
                 }
             }
         }
-        let args = flags::serve_args(id, addr, &data_dir, &seeds, &self.extra_args);
+        let args = flags::serve_args(id, addr, &data_dir, &seeds, formation, &self.extra_args);
         let proxy = self.start_proxy(&host).await?;
         let node = Arc::new(Node {
             id,
@@ -271,6 +277,8 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // Only what the suite sets: none of the caller's NXCACHE_* / OTEL_* variables.
+        nxcache_testkit::env::isolate(&mut cmd);
         for (k, v) in flags::serve_env(&self.secrets) {
             cmd.env(k, v);
         }

@@ -1,6 +1,6 @@
 //! How the suite starts `nxcache serve`: the one place that knows the binary's flags.
-//! When they change (issue 12 brings `--bootstrap-expect` and a cluster id), adapt
-//! `serve_args` here, or pass `--serve-arg` to the runner for a one-off.
+//! When they change, adapt `serve_args` here, or pass `--serve-arg` to the runner for a
+//! one-off.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -12,8 +12,14 @@ pub const GRPC_PORT: u16 = 3001;
 /// The link proxy in front of the gRPC listener; the address a node advertises.
 pub const PROXY_PORT: u16 = 4001;
 
-/// Names the server gives the environment's tokens (README: "named `read-write-1`...").
-pub const RW_TOKEN_NAME: &str = "read-write-1";
+/// The name the server gives an environment read-write token: the list and the first 12
+/// hex digits of the value's BLAKE3 digest (README, "Tokens").
+pub fn rw_token_name(secret: &str) -> String {
+    format!(
+        "read-write-{}",
+        &blake3::hash(secret.as_bytes()).to_hex()[..12]
+    )
+}
 
 /// Secrets shared by every node of a run (made per run, never printed).
 #[derive(Debug, Clone)]
@@ -43,15 +49,24 @@ pub fn advertise(addr: Ipv4Addr) -> String {
     format!("{addr}:{PROXY_PORT}")
 }
 
-/// Arguments of `nxcache serve` for node `id`. Every node gets the same seed list and
-/// names node 1 as the one that bootstraps (the StatefulSet/compose shape of
-/// docs/operations.md), so a restarted or re-imaged node takes the same path as in
-/// production.
+/// How a node without cluster state becomes a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Formation {
+    /// One of the nodes that start the cluster: every one of them gets the same seed list
+    /// and `--bootstrap-expect N` (docs/operations.md, "Form a cluster by hand"), so they
+    /// form it together, and a restarted or re-imaged one takes the production path.
+    Expect(usize),
+    /// A node added later: it joins through the seeds and never founds a cluster.
+    Join,
+}
+
+/// Arguments of `nxcache serve` for node `id`.
 pub fn serve_args(
     id: u64,
     addr: Ipv4Addr,
     data_dir: &Path,
     seeds: &[String],
+    formation: Formation,
     extra: &[String],
 ) -> Vec<String> {
     let mut args: Vec<String> = [
@@ -66,8 +81,6 @@ pub fn serve_args(
         &format!("127.0.0.1:{GRPC_PORT}"),
         "--advertise",
         &advertise(addr),
-        "--bootstrap-node",
-        "1",
         "--join",
         &seeds.join(","),
         // Short, so that the settle after the last heal does not wait minutes.
@@ -85,6 +98,9 @@ pub fn serve_args(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Formation::Expect(n) = formation {
+        args.extend(["--bootstrap-expect".to_string(), n.to_string()]);
+    }
     args.extend(extra.iter().cloned());
     args
 }

@@ -17,7 +17,7 @@ use reqwest::Method;
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use crate::cluster::{Cluster, Node};
-use crate::flags::RW_TOKEN_NAME;
+use crate::flags::rw_token_name;
 use crate::history::{Op, OpKind, Outcome, Record, Recorder, digest};
 
 /// Tunables of the workload.
@@ -252,7 +252,7 @@ impl Workload {
             return (t.name.clone(), t.secret.clone());
         }
         (
-            RW_TOKEN_NAME.to_owned(),
+            rw_token_name(&self.cluster.secrets.read_write),
             self.cluster.secrets.read_write.clone(),
         )
     }

@@ -86,6 +86,7 @@ fn node() -> &'static Node {
                     formation: Formation::Found,
                     join: Vec::new(),
                     seed_tokens: Default::default(),
+                    prune_env_tokens: false,
                     timing: RaftTiming::default(),
                     faults: Faults::default(),
                     peer_services: Some(Box::new(move |routes, secret_check| {

@@ -112,8 +112,8 @@ async fn three_processes_form_a_cluster_survive_a_leader_kill_and_rejoin() {
     })
     .await;
 
-    // An artifact written through node 1 is read through node 3: a node that misses asks
-    // the other members (read-through; replication of writes comes with placement).
+    // An artifact written through node 1 is read through node 3 (three nodes, three
+    // copies: node 3 holds one; a read through a node holding none is tested below).
     let client = nxcache_tests::http_client();
     let body = nxcache_tests::random_bytes(300_000);
     let stored = client
@@ -417,4 +417,70 @@ async fn kill_9_of_an_owner_during_uploads_loses_nothing_acknowledged() {
             assert!(got == *body, "{hash} through {url}: other bytes");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_through_a_node_that_holds_no_copy_is_served_by_an_owner() {
+    // More nodes than copies: two of the four nodes hold each artifact, two hold none.
+    let cluster = ProcessCluster::start_with(4, &["--replication-factor", "2"]);
+    for node in &cluster.nodes {
+        settled_with(&node.url, 4, 2).await;
+    }
+    let client = nxcache_tests::http_client();
+    let body = nxcache_tests::random_bytes(300_000);
+    assert_eq!(
+        nxcache_tests::put(&client, &cluster.nodes[0].url, "4242", body.clone()).await,
+        200
+    );
+    let holders = || -> Vec<usize> {
+        (0..cluster.nodes.len())
+            .filter(|i| nxcache_tests::holds_on_disk(&cluster.nodes[*i].data_dir, "4242"))
+            .collect()
+    };
+    // The copies settle on their two owners (a copy the entry node kept while writing
+    // moves to its owner).
+    wait_until(
+        PATIENCE,
+        "the artifact on exactly two of the four disks",
+        || {
+            let two = holders().len() == 2;
+            async move { two }
+        },
+    )
+    .await;
+    let owners = holders();
+    let entry = (0..cluster.nodes.len())
+        .find(|i| !owners.contains(i))
+        .expect("a node without a copy");
+    let via = &cluster.nodes[entry];
+    assert!(
+        !nxcache_tests::holds_on_disk(&via.data_dir, "4242"),
+        "the entry node holds a copy"
+    );
+    let page = nxcache_tests::metrics_page(&via.url).await;
+    let remote_before = nxcache_tests::metric_sum(&page, "nxcache_cache_remote_hits_total", &[]);
+    let (status, got) = nxcache_tests::get(&client, &via.url, "4242").await;
+    assert_eq!(status, 200, "GET through node {} (no copy)", entry + 1);
+    assert!(got == body, "other bytes through node {}", entry + 1);
+    // Answered from an owner's store: a remote hit on the entry node, a Blobs/Get served
+    // by an owner, and still no copy on the entry node (it is not an owner).
+    let page = nxcache_tests::metrics_page(&via.url).await;
+    assert_eq!(
+        nxcache_tests::metric_sum(&page, "nxcache_cache_remote_hits_total", &[]),
+        remote_before + 1.0,
+        "remote hits on the entry node"
+    );
+    let mut served = 0.0;
+    for owner in &owners {
+        served += nxcache_tests::metric_sum(
+            &nxcache_tests::metrics_page(&cluster.nodes[*owner].url).await,
+            "nxcache_grpc_server_calls_total",
+            &[r#"method="Blobs/Get""#],
+        );
+    }
+    assert!(served >= 1.0, "no owner served a Blobs/Get");
+    assert!(
+        !nxcache_tests::holds_on_disk(&via.data_dir, "4242"),
+        "the entry node kept a copy it does not own"
+    );
 }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use nxcache_tests::nx::{PROJECTS, Workspace, nx_node_modules, restored_from_remote};
 use nxcache_tests::{
-    ADMIN_TOKEN, CLUSTER_SECRET, PATIENCE, RO_TOKEN, RW_TOKEN, admin_status, free_port, get, put,
-    random_bytes, wait_until, workspace_root,
+    ADMIN_TOKEN, CLUSTER_SECRET, PATIENCE, RO_TOKEN, RW_TOKEN, admin_status, free_port, get,
+    metric_sum, put, random_bytes, wait_until, workspace_root,
 };
 
 const IMAGE: &str = "nxcache:local";
@@ -278,15 +278,41 @@ async fn nx_writes_through_node_0_and_restores_through_node_2_while_a_node_is_ki
     assert!(first.success, "run 1 through node 0 failed");
     let built = ws.outputs();
 
-    // Run 2 restores through node 2 while node 0, the writer, is killed under it.
+    // Run 2 restores through node 2 while node 0, the writer, is killed under it: once
+    // node 2 has served run 2's first cache request, and before the run ends.
     ws.clear_local();
     let url2 = cluster.url(2);
-    let nx = std::thread::spawn(move || {
-        let run = ws.nx(&url2, RW_TOKEN, &[]);
-        (ws, run)
+    let served_before = cache_requests_served(&url2).await;
+    let nx = std::thread::spawn({
+        let url2 = url2.clone();
+        move || {
+            // One task at a time: the run's cache requests follow one another, so the
+            // kill falls between them.
+            let run = ws.nx(&url2, RW_TOKEN, &[("NX_PARALLEL", "1")]);
+            (ws, run)
+        }
     });
+    wait_until(
+        Duration::from_secs(120),
+        "node 2 serving run 2's first cache request",
+        || {
+            let url2 = url2.clone();
+            async move { cache_requests_served(&url2).await > served_before }
+        },
+    )
+    .await;
+    let served_at_kill = cache_requests_served(&url2).await;
+    let ended_before_the_kill = nx.is_finished();
     docker(&["kill", &cluster.container(0)]);
     let (ws, second) = nx.join().unwrap();
+    assert!(
+        served_at_kill > served_before,
+        "node 0 was killed before run 2's first request was served"
+    );
+    assert!(
+        !ended_before_the_kill,
+        "run 2 had ended when node 0 was to be killed: not a kill mid-run"
+    );
     assert!(second.success, "run 2 through node 2 failed");
     assert_eq!(
         restored_from_remote(&second),
@@ -309,11 +335,30 @@ async fn nx_writes_through_node_0_and_restores_through_node_2_while_a_node_is_ki
     );
     assert!(ws.outputs() == built);
     eprintln!(
-        "nx through compose: {} of {} tasks restored with node 0 killed mid-run, {} with it dead",
+        "nx through compose: {} of {} tasks restored with node 0 killed mid-run (after \
+         {} of run 2's cache requests were served), {} with it dead",
         restored_from_remote(&second),
         PROJECTS.len(),
+        served_at_kill - served_before,
         restored_from_remote(&third)
     );
+}
+
+/// Cache requests (`/v1/cache/...`, any method and status) a node has answered.
+async fn cache_requests_served(url: &str) -> f64 {
+    match reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+    {
+        Ok(response) => metric_sum(
+            &response.text().await.unwrap_or_default(),
+            "nxcache_http_requests_total",
+            &[r#"route="cache""#],
+        ),
+        Err(err) => panic!("{url}/metrics: {err}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,7 +426,7 @@ async fn a_node_cut_off_for_30_s_comes_back_to_full_replication_within_60_s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Docker and the nxcache image; run by .ci/run"]
-async fn a_rolling_restart_under_load_fails_no_get_of_an_acknowledged_artifact() {
+async fn a_rolling_restart_under_load_acknowledges_every_put_and_fails_no_get() {
     let cluster = ComposeCluster::up("rolling").await;
     let urls: Arc<Vec<String>> = Arc::new((0..NODES).map(|n| cluster.url(n)).collect());
     let stop = Arc::new(AtomicBool::new(false));
@@ -413,7 +458,7 @@ async fn a_rolling_restart_under_load_fails_no_get_of_an_acknowledged_artifact()
         .await;
     }
     stop.store(true, Ordering::Relaxed);
-    let acked = load.await.unwrap();
+    let LoadResult { acked, failed_puts } = load.await.unwrap();
 
     // Afterwards every acknowledged artifact is whole through every node.
     let http = client();
@@ -425,19 +470,36 @@ async fn a_rolling_restart_under_load_fails_no_get_of_an_acknowledged_artifact()
         }
     }
     let c = &counts;
+    let value = |n: &AtomicU64| n.load(Ordering::Relaxed);
     eprintln!(
-        "rolling restart of {NODES} nodes in {:?}: {} PUTs acknowledged, {} PUTs refused or \
-         cut off, {} GETs of acknowledged artifacts, {} failed, {} requests retried on another \
-         node (connection refused while a node restarted)",
+        "rolling restart of {NODES} nodes in {:?}: {} PUTs, {} acknowledged, {} failed, {} PUT \
+         attempts retried on the next node; {} GETs of acknowledged artifacts, {} failed, {} GET \
+         attempts retried (no answer while a node restarted)",
         started.elapsed(),
-        c.puts_ok.load(Ordering::Relaxed),
-        c.puts_failed.load(Ordering::Relaxed),
-        c.gets_ok.load(Ordering::Relaxed) + c.gets_failed.load(Ordering::Relaxed),
-        c.gets_failed.load(Ordering::Relaxed),
-        c.retried.load(Ordering::Relaxed),
+        value(&c.puts_started),
+        value(&c.puts_ok),
+        value(&c.puts_failed),
+        value(&c.puts_retried),
+        value(&c.gets_ok) + value(&c.gets_failed),
+        value(&c.gets_failed),
+        value(&c.gets_retried),
+    );
+    // Every PUT has one outcome, and with two of three nodes up each one is acknowledged
+    // (after retries on the next node where a restarting node did not answer).
+    assert_eq!(
+        value(&c.puts_ok) + value(&c.puts_failed),
+        value(&c.puts_started),
+        "PUTs without an outcome"
+    );
+    assert_eq!(acked.len() as u64, value(&c.puts_ok));
+    assert!(
+        failed_puts.is_empty(),
+        "{} PUTs not acknowledged by any node:\n{}",
+        failed_puts.len(),
+        failed_puts.join("\n")
     );
     assert_eq!(
-        c.gets_failed.load(Ordering::Relaxed),
+        value(&c.gets_failed),
         0,
         "GETs of acknowledged artifacts failed"
     );
@@ -445,52 +507,90 @@ async fn a_rolling_restart_under_load_fails_no_get_of_an_acknowledged_artifact()
 
 #[derive(Default)]
 struct LoadCounts {
+    puts_started: AtomicU64,
     puts_ok: AtomicU64,
     puts_failed: AtomicU64,
+    /// PUT attempts that got no answer, or a 503 from a node on its way down, and were
+    /// sent again to the next node.
+    puts_retried: AtomicU64,
     gets_ok: AtomicU64,
     gets_failed: AtomicU64,
-    retried: AtomicU64,
+    /// GET attempts that got no answer and were sent again to the next node.
+    gets_retried: AtomicU64,
+}
+
+/// What the load saw: the acknowledged artifacts, and each PUT that was not
+/// acknowledged, with the answers its attempts got.
+struct LoadResult {
+    acked: BTreeMap<String, Vec<u8>>,
+    failed_puts: Vec<String>,
+}
+
+/// One PUT as a load balancer would send it: to node `turn`, and to the next node when
+/// a node does not answer (restarting) or answers 503 (shutting down). `Ok` when it
+/// was acknowledged; `Err` with the answers of every attempt otherwise. A 409 counts as
+/// acknowledged only after an attempt whose answer was lost, and when the node then
+/// serves exactly these bytes (that attempt stored them).
+async fn put_with_retries(
+    http: &reqwest::Client,
+    urls: &[String],
+    turn: usize,
+    k: &str,
+    body: &[u8],
+    counts: &LoadCounts,
+) -> Result<(), String> {
+    let mut answers = Vec::new();
+    for attempt in 0..urls.len() {
+        let url = &urls[(turn + attempt) % urls.len()];
+        let status = put(http, url, k, body.to_vec()).await;
+        answers.push(format!("{url}: {status}"));
+        match status {
+            200 => return Ok(()),
+            0 | 503 => {
+                counts.puts_retried.fetch_add(1, Ordering::Relaxed);
+            }
+            409 if answers.iter().any(|a| a.ends_with(": 0")) => {
+                let (status, got) = get(http, url, k).await;
+                if status == 200 && got == body {
+                    return Ok(());
+                }
+                answers.push(format!("then GET {url}: {status}, other bytes or none"));
+                break;
+            }
+            _ => break,
+        }
+    }
+    Err(format!("PUT {k}: {}", answers.join("; ")))
 }
 
 /// PUTs new artifacts and GETs acknowledged ones, round-robin over the nodes, like a
 /// load balancer: a node that refuses the connection (restarting) is skipped for the next
-/// one. Any answer other than 200 to a GET of an acknowledged artifact is a failure.
+/// one. Every PUT ends acknowledged or is listed as failed; any answer other than 200 to
+/// a GET of an acknowledged artifact is a failure.
 async fn run_load(
     urls: Arc<Vec<String>>,
     stop: Arc<AtomicBool>,
     counts: Arc<LoadCounts>,
-) -> BTreeMap<String, Vec<u8>> {
+) -> LoadResult {
     let http = client();
     let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut failed_puts = Vec::new();
     let mut turn = 0usize;
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let (k, body) = (key("c0", i), random_bytes(32 * 1024));
         i += 1;
-        let mut stored = false;
-        for attempt in 0..urls.len() {
-            let url = &urls[(turn + attempt) % urls.len()];
-            match put(&http, url, &k, body.clone()).await {
-                200 => {
-                    stored = true;
-                    break;
-                }
-                0 => {
-                    counts.retried.fetch_add(1, Ordering::Relaxed);
-                }
-                // 409: an earlier attempt stored it after all (its answer was cut off).
-                409 => {
-                    stored = true;
-                    break;
-                }
-                _ => break,
+        counts.puts_started.fetch_add(1, Ordering::Relaxed);
+        match put_with_retries(&http, &urls, turn, &k, &body, &counts).await {
+            Ok(()) => {
+                counts.puts_ok.fetch_add(1, Ordering::Relaxed);
+                acked.push((k, body));
             }
-        }
-        if stored {
-            counts.puts_ok.fetch_add(1, Ordering::Relaxed);
-            acked.push((k, body));
-        } else {
-            counts.puts_failed.fetch_add(1, Ordering::Relaxed);
+            Err(why) => {
+                eprintln!("{why}");
+                counts.puts_failed.fetch_add(1, Ordering::Relaxed);
+                failed_puts.push(why);
+            }
         }
         for _ in 0..3 {
             let Some((k, body)) = acked.get(rand::random_range(0..acked.len().max(1))) else {
@@ -502,7 +602,7 @@ async fn run_load(
                 let url = &urls[(turn + attempt) % urls.len()];
                 let (status, got) = get(&http, url, k).await;
                 if status == 0 {
-                    counts.retried.fetch_add(1, Ordering::Relaxed);
+                    counts.gets_retried.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 answered = true;
@@ -520,5 +620,8 @@ async fn run_load(
             }
         }
     }
-    acked.into_iter().collect()
+    LoadResult {
+        acked: acked.into_iter().collect(),
+        failed_puts,
+    }
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use nxcache_tests::nx::{PROJECTS, Workspace, nx_node_modules, restored_from_remote};
-use nxcache_tests::{NodeProcess, RO_TOKEN, RW_TOKEN, metric, metrics_page};
+use nxcache_tests::{NodeProcess, RO_TOKEN, RW_TOKEN, metric_sum, metrics_page};
 
 fn serve(dir: &Path, extra: &[&str]) -> NodeProcess {
     let mut args = vec!["--listen", "127.0.0.1:0"];
@@ -22,12 +22,15 @@ fn serve(dir: &Path, extra: &[&str]) -> NodeProcess {
     )
 }
 
-async fn count(url: &str, series: &str) -> f64 {
-    metric(&metrics_page(url).await, series).unwrap_or(0.0)
+/// The sum of the samples of the family `name` with `labels` (0 when none has them; a
+/// failure when the family is missing, so a renamed metric cannot read as 0).
+async fn count(url: &str, name: &str, labels: &[&str]) -> f64 {
+    metric_sum(&metrics_page(url).await, name, labels)
 }
 
-const PUT_200: &str = r#"nxcache_http_requests_total{method="PUT",route="cache",status="200"}"#;
-const PUT_403: &str = r#"nxcache_http_requests_total{method="PUT",route="cache",status="403"}"#;
+const REQUESTS: &str = "nxcache_http_requests_total";
+const PUT_200: &[&str] = &[r#"method="PUT""#, r#"route="cache""#, r#"status="200""#];
+const PUT_403: &[&str] = &[r#"method="PUT""#, r#"route="cache""#, r#"status="403""#];
 
 /// The contract as Nx sees it, against the node at `url` (its tokens: the test ones).
 async fn contract_with_real_nx(version: &str, url: &str) {
@@ -40,7 +43,10 @@ async fn contract_with_real_nx(version: &str, url: &str) {
     // Run 1 builds and uploads each artifact exactly once.
     let first = ws.nx(&node.url, RW_TOKEN, &[]);
     assert!(first.success, "run 1 failed");
-    assert_eq!(count(&node.url, PUT_200).await, PROJECTS.len() as f64);
+    assert_eq!(
+        count(&node.url, REQUESTS, PUT_200).await,
+        PROJECTS.len() as f64
+    );
     let built = ws.outputs();
 
     // Run 2, local cache gone: every task restored from nxcache, byte-identical.
@@ -57,7 +63,7 @@ async fn contract_with_real_nx(version: &str, url: &str) {
         "restored outputs differ from the built ones"
     );
     assert_eq!(
-        count(&node.url, PUT_200).await,
+        count(&node.url, REQUESTS, PUT_200).await,
         PROJECTS.len() as f64,
         "Nx uploaded an artifact again"
     );
@@ -69,16 +75,16 @@ async fn contract_with_real_nx(version: &str, url: &str) {
     )
     .unwrap();
     ws.clear_local();
-    let objects_before = count(&node.url, "nxcache_store_objects").await;
+    let objects_before = count(&node.url, "nxcache_store_objects", &[]).await;
     let read_only = ws.nx(&node.url, RO_TOKEN, &[]);
     assert!(
         read_only.success,
         "a read-only token must not fail the build"
     );
     assert_eq!(restored_from_remote(&read_only), PROJECTS.len() - 1);
-    assert_eq!(count(&node.url, PUT_403).await, 1.0);
+    assert_eq!(count(&node.url, REQUESTS, PUT_403).await, 1.0);
     assert_eq!(
-        count(&node.url, "nxcache_store_objects").await,
+        count(&node.url, "nxcache_store_objects", &[]).await,
         objects_before
     );
 

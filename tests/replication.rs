@@ -286,7 +286,8 @@ async fn a_joining_node_takes_its_share_and_a_drained_node_empties() {
     assert!(reader.await.unwrap() >= 1);
     // The drain is visible in the drained node's metrics: keys and bytes moved, none left.
     let page = nxcache_tests::metrics_page(&cluster.url(new)).await;
-    let value = |series| nxcache_tests::metric(&page, series).unwrap_or(0.0);
+    let value =
+        |series| nxcache_tests::metric(&page, series).unwrap_or_else(|| panic!("{series} missing"));
     assert!(value("nxcache_rebalance_moved_total") > 0.0);
     assert!(value("nxcache_rebalance_moved_bytes_total") >= value("nxcache_rebalance_moved_total"));
     assert_eq!(value("nxcache_rebalance_pending_keys"), 0.0);

@@ -16,7 +16,7 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "0.13"; then
   cargo install cargo-fuzz --locked --version 0.13.2
 fi
 export RUSTC_BOOTSTRAP=1
-targets=(hash_and_path config grpc_messages)
+targets=(hash_and_path config grpc_messages grpc_handlers)
 cargo fuzz build --fuzz-dir .
 status=0
 for target in "${targets[@]}"; do

@@ -726,23 +726,66 @@ pub fn holds_on_disk(data_dir: &Path, key: &str) -> bool {
 }
 
 /// The sum of every sample of `name` (a counter or gauge family) whose label set
-/// contains each of `labels` (e.g. `method="Blobs/Head"`); 0 when there is none.
+/// contains each of `labels` (e.g. `method="Blobs/Head"`); 0 when the family has samples
+/// but none with those labels.
+///
+/// Panics, naming the metric, when the page has no sample of `name` at all: a renamed or
+/// unregistered metric must fail the assertion made on it, not read as 0. (A labelled
+/// family appears with its first sample; to wait for that, use [`metric_sum_if_present`].)
 pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (family, label_set) = match series.split_once('{') {
-                Some((family, rest)) => (family, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let wanted = family == name
-                && labels
-                    .iter()
-                    .all(|want| label_set.split(',').any(|have| have == *want));
-            wanted.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .fold(0.0, |sum, v| sum + v)
+    metric_sum_if_present(page, name, labels).unwrap_or_else(|| {
+        let families: std::collections::BTreeSet<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        panic!(
+            "the metric {name} is not on the /metrics page (renamed, or never registered?); \
+             the page has these families: {families:?}"
+        )
+    })
+}
+
+/// Like [`metric_sum`], `None` when the page has no sample of the family `name` yet.
+pub fn metric_sum_if_present(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut family_seen = false;
+    let mut sum = 0.0;
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (family, label_set) = match series.split_once('{') {
+            Some((family, rest)) => (family, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if family != name {
+            continue;
+        }
+        family_seen = true;
+        let wanted = labels
+            .iter()
+            .all(|want| label_set.split(',').any(|have| have == *want));
+        if wanted && let Ok(value) = value.parse::<f64>() {
+            sum += value;
+        }
+    }
+    family_seen.then_some(sum)
+}
+
+#[cfg(test)]
+#[test]
+fn metric_sum_fails_loudly_on_a_missing_family() {
+    let page = "# TYPE nxcache_x_total counter\n\
+                nxcache_x_total{method=\"a\",result=\"ok\"} 2\n\
+                nxcache_x_total{method=\"b\",result=\"ok\"} 3\n";
+    assert_eq!(metric_sum(page, "nxcache_x_total", &[]), 5.0);
+    assert_eq!(metric_sum(page, "nxcache_x_total", &[r#"method="b""#]), 3.0);
+    assert_eq!(metric_sum(page, "nxcache_x_total", &[r#"method="c""#]), 0.0);
+    assert_eq!(metric_sum_if_present(page, "nxcache_y_total", &[]), None);
+    let renamed = std::panic::catch_unwind(|| metric_sum(page, "nxcache_y_total", &[]));
+    let message = renamed.expect_err("a missing family read as a value");
+    let message = message.downcast_ref::<String>().unwrap();
+    assert!(message.contains("nxcache_y_total"), "{message}");
 }
 
 impl NodeProcess {

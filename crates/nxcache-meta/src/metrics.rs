@@ -60,6 +60,17 @@ impl MetaMetrics {
         registry.register(Box::new(rpcs.clone()))?;
         registry.register(Box::new(rpc_duration.clone()))?;
         registry.register(Box::new(rejected_calls.clone()))?;
+        // The reasons refused calls are counted by (see the help), at 0 from the start: an
+        // alert or a panel sees the family, and its first increase, before the first one.
+        for reason in [
+            "missing",
+            "wrong",
+            "other_cluster",
+            "no_cluster_id",
+            "incarnation",
+        ] {
+            rejected_calls.with_label_values(&[reason]);
+        }
         let snapshots = prometheus::IntCounter::new(
             "nxcache_raft_snapshots_total",
             "Snapshots this node built or installed.",

@@ -45,27 +45,40 @@ impl ReplicationMetrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         }
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            reg(
+        // `known`: the label values the code counts, exposed at 0 from the start so that
+        // an alert or a panel on the family sees it (and its first increase) before the
+        // first event.
+        let counter_vec = |name: &str, help: &str, label: &str, known: &[&str]| {
+            let c = reg(
                 registry,
                 IntCounterVec::new(Opts::new(name, help), &[label])?,
-            )
+            )?;
+            for value in known {
+                c.with_label_values(&[value]);
+            }
+            Ok::<_, prometheus::Error>(c)
         };
+        const COPY_REASONS: &[&str] = &["handoff", "rebalance", "anti_entropy", "read_repair"];
         Ok(ReplicationMetrics {
             writes: counter_vec(
                 "nxcache_replication_writes_total",
                 "Writes through this node as coordinator, by outcome (quorum, degraded, refused, failed, exists, conflict: lost to another body and withdrawn).",
                 "outcome",
+                &[
+                    "quorum", "degraded", "refused", "failed", "exists", "conflict",
+                ],
             )?,
             copies: counter_vec(
                 "nxcache_replication_copies_total",
                 "Blob copies made between nodes in the background, by reason (handoff, rebalance, anti_entropy, read_repair).",
                 "reason",
+                COPY_REASONS,
             )?,
             copy_failures: counter_vec(
                 "nxcache_replication_copy_failures_total",
                 "Background blob copies that failed (retried on a later pass), by reason.",
                 "reason",
+                COPY_REASONS,
             )?,
             hints: reg(
                 registry,
@@ -78,6 +91,7 @@ impl ReplicationMetrics {
                 "nxcache_replication_peer_failures_total",
                 "Calls to a peer's blob service that failed, by peer node id.",
                 "peer",
+                &[],
             )?,
             stragglers: reg(
                 registry,
@@ -139,11 +153,13 @@ impl ReplicationMetrics {
                 "nxcache_worker_passes_total",
                 "Completed passes of each background worker.",
                 "worker",
+                &[],
             )?,
             conflicts: counter_vec(
                 "nxcache_replication_conflicts_total",
                 "Keys found holding different bodies on their owners, by what found them (write, handoff, anti_entropy).",
                 "found_by",
+                &["write", "handoff", "anti_entropy"],
             )?,
             conflict_repairs: reg(
                 registry,

@@ -22,11 +22,22 @@ impl StoreMetrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let counter = |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+        // `known`: the label values the store counts, exposed at 0 from the start so that
+        // an alert or a panel on the family sees it (and its first increase) before the
+        // first event.
+        let counter = |name: &str,
+                       help: &str,
+                       label: &str,
+                       known: &[&str]|
+         -> prometheus::Result<IntCounterVec> {
             let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
             registry.register(Box::new(c.clone()))?;
+            for value in known {
+                c.with_label_values(&[value]);
+            }
             Ok(c)
         };
+        const EVICTIONS: &[&str] = &["budget", "ttl"];
         Ok(StoreMetrics {
             stored_bytes: gauge(
                 "nxcache_store_stored_bytes",
@@ -48,21 +59,33 @@ impl StoreMetrics {
                 "nxcache_store_evictions_total",
                 "Artifacts evicted, by reason (budget: least recently used; ttl: idle too long).",
                 "reason",
+                EVICTIONS,
             )?,
             evicted_bytes: counter(
                 "nxcache_store_evicted_bytes_total",
                 "Bytes evicted, by reason.",
                 "reason",
+                EVICTIONS,
             )?,
             dropped: counter(
                 "nxcache_store_dropped_total",
                 "Copies removed other than by eviction, by reason: corrupt or missing file; withdrawn (a refused or losing write), handed_off (to its owners), evicted_elsewhere (another owner evicted it), replaced (lost a conflict), deleted (by hand).",
                 "reason",
+                &[
+                    "corrupt",
+                    "missing",
+                    "withdrawn",
+                    "handed_off",
+                    "evicted_elsewhere",
+                    "replaced",
+                    "deleted",
+                ],
             )?,
             write_failures: counter(
                 "nxcache_store_write_failures_total",
                 "Uploads that stored nothing, by reason.",
                 "reason",
+                &["disk_full", "length", "exists", "checksum", "io"],
             )?,
             eviction_marks: gauge(
                 "nxcache_store_eviction_marks",

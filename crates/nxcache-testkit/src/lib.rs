@@ -15,6 +15,8 @@ pub mod watchdog;
 
 pub use wait::{PATIENCE, wait_for, wait_until, wait_until_blocking};
 
+pub mod pki;
+
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
 

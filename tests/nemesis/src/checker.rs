@@ -206,8 +206,9 @@ fn describe(op: &Op) -> String {
 }
 
 /// Statuses a PUT may answer under `serve` (README's table): stored, exists, revoked or
-/// not-yet-known token, too few replicas / too many uploads, full disk.
-const PUT_DOCUMENTED: &[u16] = &[200, 202, 401, 409, 503, 507];
+/// not-yet-known token, an upload cut by its pace or deadline, one token's uploads at
+/// their cap, too few replicas / too many uploads, full disk.
+const PUT_DOCUMENTED: &[u16] = &[200, 202, 401, 408, 409, 429, 503, 507];
 /// A node that is up answers every request within this time (check 4).
 pub const ANSWER_BOUND_MS: u64 = 20_000;
 /// Answers that show a token passed authentication.

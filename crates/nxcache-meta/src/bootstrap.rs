@@ -247,7 +247,9 @@ impl MetaNode {
 
     /// Adds the environment's tokens once a leader can take the write (in commands small
     /// enough for one log entry each), then, given `prune`, removes the environment
-    /// tokens not in it.
+    /// tokens not in it. The node counts as seeded (ready) once its tokens are in: the
+    /// prune is retried apart, every few seconds, so that a leader of an earlier version
+    /// (a rolling upgrade: it refuses the prune command) never holds readiness back.
     pub(crate) fn spawn_seed(
         &self,
         tokens: BTreeMap<String, TokenRecord>,
@@ -272,6 +274,10 @@ impl MetaNode {
         self.spawn(tokio::spawn(async move {
             tokio::pin!(stopped);
             for command in commands {
+                let prune = matches!(command, MetaCommand::PruneEnvTokens { .. });
+                if prune {
+                    node.inner.seeded.store(true, Ordering::SeqCst);
+                }
                 loop {
                     let written = tokio::select! {
                         _ = &mut stopped => return,
@@ -299,11 +305,13 @@ impl MetaNode {
                             tracing::warn!(?other, "unexpected answer to token seeding");
                             return;
                         }
+                        Err(err) if prune => tracing::debug!(%err, "removing the environment tokens left out waits for a leader that knows the command"),
                         Err(err) => tracing::debug!(%err, "token seeding waits for a leader"),
                     }
+                    let pause = if prune { PRUNE_RETRY } else { Duration::from_millis(300) };
                     tokio::select! {
                         _ = &mut stopped => return,
-                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                        _ = tokio::time::sleep(pause) => {}
                     }
                 }
             }
@@ -311,6 +319,10 @@ impl MetaNode {
         }));
     }
 }
+
+/// How often the removal of environment tokens left out is retried: it is not urgent,
+/// and during a rolling upgrade the leader may be of a version that refuses it.
+const PRUNE_RETRY: Duration = Duration::from_secs(5);
 
 /// A new cluster id: 128 random bits, hex.
 pub(crate) fn new_cluster_id() -> String {

@@ -38,6 +38,9 @@ pub struct SpaceReserve {
     released: AtomicBool,
     /// Free bytes at the last look.
     available: AtomicU64,
+    /// One [`SpaceReserve::check`] at a time: two that both made the ballast would share
+    /// its temporary file, and the loser's clean-up would delete the winner's ballast.
+    checking: std::sync::Mutex<()>,
 }
 
 impl SpaceReserve {
@@ -55,6 +58,7 @@ impl SpaceReserve {
             bytes,
             released: AtomicBool::new(!present),
             available: AtomicU64::new(fs2::available_space(dir)?),
+            checking: std::sync::Mutex::new(()),
         };
         reserve.check()?;
         Ok(reserve)
@@ -77,12 +81,9 @@ impl SpaceReserve {
 
     /// Whether `len` more bytes of artifacts leave the reserve untouched: at least
     /// [`SpaceReserve::bytes`] free after them (the ballast, when present, is on top).
-    /// Looks at the file system now (one statvfs), and brings the ballast back when the
-    /// disk has room again.
+    /// Looks at the file system now (one statvfs, cheap enough for an async thread);
+    /// the ballast is brought back by the watcher's [`SpaceReserve::check`], never here.
     pub fn admits(&self, len: u64) -> bool {
-        if self.is_released() {
-            let _ = self.check();
-        }
         let available = match fs2::available_space(&self.dir) {
             Ok(a) => a,
             // Cannot tell: the write itself will find out.
@@ -96,6 +97,10 @@ impl SpaceReserve {
     /// twice the reserve is free. Call it often (every few hundred milliseconds): the
     /// metadata log gets the room back only when this runs.
     pub fn check(&self) -> std::io::Result<ReserveChange> {
+        let _one_at_a_time = self
+            .checking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let available = fs2::available_space(&self.dir)?;
         self.available.store(available, Ordering::Relaxed);
         if !self.is_released() && available < self.bytes / 2 {

@@ -730,6 +730,13 @@ impl BlobStore {
         {
             return Err(StoreError::Exists);
         }
+        // Only a size that can never fit is refused here. Space is reserved (and evicted
+        // for) as the bytes arrive, in [`BlobWriter::write`]: an announced size alone
+        // costs the cache nothing, so an upload that never sends its body evicts nothing.
+        let budget = self.inner.config.max_bytes;
+        if len > budget {
+            return Err(StoreError::LargerThanBudget { size: len, budget });
+        }
         if let Some(reserve) = self.inner.space_reserve.get()
             && !reserve.admits(len)
         {
@@ -741,13 +748,6 @@ impl BlobStore {
                 "upload refused: it would eat into the space kept for the metadata log"
             );
             return Err(StoreError::DiskFull);
-        }
-        // Only a size that can never fit is refused here. Space is reserved (and evicted
-        // for) as the bytes arrive, in [`BlobWriter::write`]: an announced size alone
-        // costs the cache nothing, so an upload that never sends its body evicts nothing.
-        let budget = self.inner.config.max_bytes;
-        if len > budget {
-            return Err(StoreError::LargerThanBudget { size: len, budget });
         }
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self
@@ -766,14 +766,34 @@ impl BlobStore {
 
     /// Reserves `len` more bytes of an upload in progress, evicting least recently used
     /// blobs when they do not fit (off the async threads: eviction deletes files).
+    ///
+    /// Cancel-safe: the bytes are only ever reserved here, synchronously, never inside
+    /// the blocking task. A caller dropped while an eviction runs (a reset stream, a cut
+    /// connection) therefore leaves nothing reserved that its writer would not release.
     pub(crate) async fn reserve_received(&self, len: u64) -> Result<(), StoreError> {
-        if self.try_reserve(len)? {
-            return Ok(());
+        loop {
+            if self.try_reserve(len)? {
+                return Ok(());
+            }
+            let shortfall = {
+                let acct = lock(&self.inner.accounting);
+                (acct.stored + acct.reserved + len).saturating_sub(self.inner.config.max_bytes)
+            };
+            let store = self.clone();
+            let freed = tokio::task::spawn_blocking(move || store.evict_lru(shortfall))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            // Nothing freed: either nothing is left to evict, or concurrent evictors took
+            // the same candidates (then the space they freed may fit this chunk).
+            if freed == 0 {
+                if self.try_reserve(len)? {
+                    return Ok(());
+                }
+                return Err(StoreError::BudgetExhausted {
+                    budget: self.inner.config.max_bytes,
+                });
+            }
         }
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.reserve(len))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     /// Reserves `len` bytes if they fit without evicting anything.
@@ -789,28 +809,6 @@ impl BlobStore {
             return Ok(true);
         }
         Ok(false)
-    }
-
-    fn reserve(&self, len: u64) -> Result<(), StoreError> {
-        let budget = self.inner.config.max_bytes;
-        if len > budget {
-            return Err(StoreError::LargerThanBudget { size: len, budget });
-        }
-        loop {
-            let shortfall = {
-                let mut acct = lock(&self.inner.accounting);
-                let used = acct.stored + acct.reserved;
-                if used + len <= budget {
-                    acct.reserved += len;
-                    self.inner.metrics.reserved_bytes.set(acct.reserved as i64);
-                    return Ok(());
-                }
-                used + len - budget
-            };
-            if self.evict_lru(shortfall)? == 0 {
-                return Err(StoreError::BudgetExhausted { budget });
-            }
-        }
     }
 
     pub(crate) fn release_reservation(&self, len: u64) {

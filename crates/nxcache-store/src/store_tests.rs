@@ -789,3 +789,44 @@ async fn the_data_dir_is_private_and_artifacts_are_readable_by_the_owner_only() 
     assert_eq!(mode(&path), 0o600, "{}", path.display());
     assert_eq!(mode(path.parent().unwrap()), 0o700);
 }
+
+#[test]
+fn a_write_cancelled_while_it_evicts_leaves_nothing_reserved() {
+    use std::future::Future;
+    const MIB: usize = 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = runtime.block_on(async {
+        let store = open(dir.path(), 4 * MIB as u64);
+        for i in 0..4 {
+            put(&store, &format!("old{i}"), &data(MIB, i))
+                .await
+                .unwrap();
+        }
+        let mut writer = store.begin_write(key("new"), MIB as u64).await.unwrap();
+        // The budget is full: this chunk must evict, on the blocking pool. The write is
+        // polled once (it starts the eviction) and dropped, as a reset stream drops it.
+        let mut write = Box::pin(writer.write(Bytes::from(vec![7; MIB])));
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx).is_pending()))
+                .await;
+        assert!(
+            polled,
+            "the write needed an eviction, off the async threads"
+        );
+        drop(write);
+        drop(writer);
+        store
+    });
+    // Dropping the runtime waits for its blocking tasks: the eviction has ended.
+    drop(runtime);
+    assert_eq!(
+        store.stats().reserved_bytes,
+        0,
+        "a cancelled write left bytes reserved"
+    );
+}

@@ -235,13 +235,21 @@ async fn a_full_disk_leaves_the_metadata_log_room_to_write() {
     // Room again: the reserve is held again and uploads work, with no restart.
     std::fs::remove_file(&filler).unwrap();
     std::fs::remove_file(&freed_later).unwrap();
+    // The watcher makes the ballast again (uploads never do it on their own path).
+    nxcache_tests::wait_until(
+        nxcache_tests::PATIENCE,
+        "the space reserve held again (nxcache_disk_reserve_released 0)",
+        || {
+            let url = url.clone();
+            async move {
+                metric(&metrics_page(&url).await, "nxcache_disk_reserve_released") == Some(0.0)
+            }
+        },
+    )
+    .await;
     let body = random_bytes(1 << 20);
     assert_eq!(put(&http, &url, &refused, body.clone()).await, 200);
     assert!(get(&http, &url, &refused).await.1 == body);
-    assert_eq!(
-        metric(&metrics_page(&url).await, "nxcache_disk_reserve_released"),
-        Some(0.0)
-    );
     assert_eq!(create_token("after".into()).await.unwrap().status(), 201);
     node.shutdown().await.unwrap();
 }

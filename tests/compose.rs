@@ -278,17 +278,18 @@ async fn nx_writes_through_node_0_and_restores_through_node_2_while_a_node_is_ki
     assert!(first.success, "run 1 through node 0 failed");
     let built = ws.outputs();
 
-    // Run 2 restores through node 2 while node 0, the writer, is killed under it: once
-    // node 2 has served run 2's first cache request, and before the run ends.
+    // Run 2 restores through node 2 while node 0, the writer, is killed under it: after
+    // node 2 has served run 2's first cache request, and before the run ends. Nx talks to
+    // node 2 through a gate that holds every request after the first until the kill is
+    // done, so the kill falls mid-run however fast the run is.
     ws.clear_local();
     let url2 = cluster.url(2);
     let served_before = cache_requests_served(&url2).await;
+    let gate = RequestGate::start(url2.clone()).await;
     let nx = std::thread::spawn({
-        let url2 = url2.clone();
+        let through = gate.url.clone();
         move || {
-            // One task at a time: the run's cache requests follow one another, so the
-            // kill falls between them.
-            let run = ws.nx(&url2, RW_TOKEN, &[("NX_PARALLEL", "1")]);
+            let run = ws.nx(&through, RW_TOKEN, &[("NX_PARALLEL", "1")]);
             (ws, run)
         }
     });
@@ -296,14 +297,15 @@ async fn nx_writes_through_node_0_and_restores_through_node_2_while_a_node_is_ki
         Duration::from_secs(120),
         "node 2 serving run 2's first cache request",
         || {
-            let url2 = url2.clone();
-            async move { cache_requests_served(&url2).await > served_before }
+            let gate = gate.clone();
+            async move { gate.answered.load(Ordering::SeqCst) >= 1 }
         },
     )
     .await;
     let served_at_kill = cache_requests_served(&url2).await;
     let ended_before_the_kill = nx.is_finished();
     docker(&["kill", &cluster.container(0)]);
+    gate.open();
     let (ws, second) = nx.join().unwrap();
     assert!(
         served_at_kill > served_before,
@@ -312,6 +314,10 @@ async fn nx_writes_through_node_0_and_restores_through_node_2_while_a_node_is_ki
     assert!(
         !ended_before_the_kill,
         "run 2 had ended when node 0 was to be killed: not a kill mid-run"
+    );
+    assert!(
+        gate.held.load(Ordering::SeqCst) >= 1,
+        "no request of run 2 came after the kill"
     );
     assert!(second.success, "run 2 through node 2 failed");
     assert_eq!(
@@ -623,5 +629,83 @@ async fn run_load(
     LoadResult {
         acked: acked.into_iter().collect(),
         failed_puts,
+    }
+}
+
+/// An HTTP proxy in front of a node that answers the first request at once and holds
+/// every later one until [`RequestGate::open`]: a test can act between two requests of a
+/// client, whatever the client's pace.
+#[derive(Clone)]
+struct RequestGate {
+    url: String,
+    /// Requests answered so far.
+    answered: Arc<AtomicU64>,
+    /// Requests that had to wait for the gate.
+    held: Arc<AtomicU64>,
+    open: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl RequestGate {
+    async fn start(upstream: String) -> RequestGate {
+        let (open, _) = tokio::sync::watch::channel(false);
+        let gate = RequestGate {
+            url: String::new(),
+            answered: Arc::default(),
+            held: Arc::default(),
+            open: Arc::new(open),
+        };
+        let arrived = Arc::new(AtomicU64::new(0));
+        let client = nxcache_tests::http_client();
+        let handler = {
+            let gate = gate.clone();
+            move |request: axum::extract::Request| {
+                let (gate, client, upstream, arrived) = (
+                    gate.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                    arrived.clone(),
+                );
+                async move {
+                    if arrived.fetch_add(1, Ordering::SeqCst) >= 1 {
+                        gate.held.fetch_add(1, Ordering::SeqCst);
+                        let mut open = gate.open.subscribe();
+                        let _ = open.wait_for(|open| *open).await;
+                    }
+                    let (parts, body) = request.into_parts();
+                    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                    let mut forward = client
+                        .request(parts.method, format!("{upstream}{path}"))
+                        .body(body);
+                    for (name, value) in &parts.headers {
+                        if name != "host" && name != "connection" {
+                            forward = forward.header(name, value);
+                        }
+                    }
+                    let answer = forward.send().await.expect("node 2 answers");
+                    let mut response = axum::response::Response::builder().status(answer.status());
+                    for (name, value) in answer.headers() {
+                        if name != "connection" && name != "transfer-encoding" {
+                            response = response.header(name, value);
+                        }
+                    }
+                    let bytes = answer.bytes().await.expect("node 2's body");
+                    gate.answered.fetch_add(1, Ordering::SeqCst);
+                    response.body(axum::body::Body::from(bytes)).unwrap()
+                }
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, axum::Router::new().fallback(handler))
+                .await
+                .unwrap()
+        });
+        RequestGate { url, ..gate }
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
     }
 }

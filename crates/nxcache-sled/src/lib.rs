@@ -81,11 +81,10 @@ mod tests {
     fn a_live_holder_keeps_the_directory() {
         let dir = tempfile::tempdir().unwrap();
         let _held = open(small(), dir.path()).unwrap();
-        let started = Instant::now();
+        // That it waits is `waits_for_a_holder_that_lets_go`'s to show; here: the answer.
         let err = open_waiting(small(), dir.path(), Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, OpenError::Locked { .. }), "{err}");
         assert!(err.to_string().contains("another nxcache"), "{err}");
-        assert!(started.elapsed() >= Duration::from_millis(200));
     }
 
     #[test]

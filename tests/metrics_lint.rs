@@ -8,26 +8,14 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use nxcache_tests::{
-    PATIENCE, ProcessCluster, admin_status, get, metrics_page, put, random_bytes, wait_until,
-};
+use nxcache_tests::{ProcessCluster, get, metrics_page, put, random_bytes};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs promtool; run by .ci/run"]
 async fn every_nodes_exposition_passes_promtool() {
     let cluster = ProcessCluster::start(3);
     let first = cluster.nodes[0].url.clone();
-    wait_until(PATIENCE, "cluster formed", || {
-        let url = first.clone();
-        async move {
-            admin_status(&url).is_some_and(|s| {
-                s["members"]
-                    .as_array()
-                    .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["reachable"] == true))
-            })
-        }
-    })
-    .await;
+    nxcache_tests::wait_for_reachable_members(&first, 3).await;
     // Traffic through every node, so every family has samples: hits, misses, remote
     // reads, replica transfers, errors.
     let http = nxcache_tests::http_client();

@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nxcache_tests::{
-    PATIENCE, ProcessCluster, admin_status, get, http_client, metrics_page, put, random_bytes,
-    wait_until, workspace_root,
+    ProcessCluster, get, http_client, metrics_page, put, random_bytes, workspace_root,
 };
 
 /// Series that Prometheus itself adds to every scrape (not on a node's page).
@@ -226,17 +225,7 @@ async fn every_metric_an_alert_or_panel_queries_is_on_a_live_nodes_metrics() {
         &["--replication-factor", "2", "--anti-entropy-interval", "1s"],
     );
     let first = cluster.nodes[0].url.clone();
-    wait_until(PATIENCE, "three reachable members", || {
-        let url = first.clone();
-        async move {
-            admin_status(&url).is_some_and(|s| {
-                s["members"]
-                    .as_array()
-                    .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["reachable"] == true))
-            })
-        }
-    })
-    .await;
+    nxcache_tests::wait_for_reachable_members(&first, 3).await;
     let http = http_client();
     for i in 0..12u32 {
         let hash = (80_000_000 + i).to_string();

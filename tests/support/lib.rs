@@ -395,6 +395,22 @@ pub fn admin(server: &str, args: &[&str]) -> (bool, String) {
 }
 
 /// `nxcache admin status --json` of one node, parsed; None while it does not answer.
+/// Waits until the node at `url` lists `count` members, every one reachable.
+pub async fn wait_for_reachable_members(url: &str, count: usize) {
+    let url = url.to_owned();
+    wait_until(PATIENCE, &format!("{count} reachable members"), || {
+        let url = url.clone();
+        async move {
+            admin_status(&url).is_some_and(|s| {
+                s["members"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == count && m.iter().all(|m| m["reachable"] == true))
+            })
+        }
+    })
+    .await;
+}
+
 /// Makes a token through the admin CLI (`tokens create --json` and `args`); its secret.
 pub fn create_token(server: &str, args: &[&str]) -> String {
     let mut all = vec!["tokens", "create", "--json"];
